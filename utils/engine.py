@@ -1,0 +1,106 @@
+"""One training epoch and one evaluation pass; both return plain dicts of metrics."""
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from modules.lcr import LCR_SCALE
+from utils.distributed import all_reduce_sum
+from utils.logger import AverageMeter, accuracy_counts
+
+
+class NonFiniteLossError(Exception):
+    """The training loss became NaN or infinite."""
+
+
+def autocast(device, enabled):
+    """bfloat16 autocast on CUDA when ``enabled``; a no-op context otherwise."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _to_device(images, target, device, channels_last):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, target.to(device, non_blocking=True)
+
+
+def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args, logger):
+    """Train for one epoch; ``regularizer`` is None when ``--alpha 0`` (plain IR-Net, nothing recorded).
+
+    Returns the epoch's averages: loss, ce, lcr, lcr_share, top1, top5, img_s, data_time, and
+    ``sigma_ratio`` (per binary layer, mean sigma_B / sigma_F over the epoch's batches) when the
+    regulariser is on.
+    """
+    model.train()
+    meters = {name: AverageMeter(name) for name in ("loss", "ce", "lcr", "top1", "top5")}
+    batch_time, data_time = AverageMeter("time", ":.3f"), AverageMeter("data", ":.3f")
+    weight = args.alpha * LCR_SCALE
+    ratio_sum = None
+    n_iter = len(loader)
+    end = time.perf_counter()
+    for it, (images, target) in enumerate(loader):
+        images, target = _to_device(images, target, runtime.device, args.channels_last)
+        data_time.update(time.perf_counter() - end)
+        with autocast(runtime.device, args.amp):
+            if regularizer is None:
+                logits = model(images)
+                ce = F.cross_entropy(logits, target)
+                lcr = None
+                loss = ce
+            else:
+                with regularizer.record():
+                    logits = model(images)
+                ce = F.cross_entropy(logits, target)
+                lcr = regularizer.loss()
+                loss = ce + weight * lcr
+                ratios = regularizer.stats()
+                ratio_sum = ratios if ratio_sum is None else ratio_sum + ratios
+        if not math.isfinite(loss.item()):
+            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} iteration {it}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+        n = images.shape[0]
+        top1, top5 = accuracy_counts(logits.detach(), target)
+        meters["loss"].update(loss.item(), n)
+        meters["ce"].update(ce.item(), n)
+        meters["lcr"].update(0.0 if lcr is None else lcr.item(), n)
+        meters["top1"].update(100.0 * top1 / n, n)
+        meters["top5"].update(100.0 * top5 / n, n)
+        batch_time.update(time.perf_counter() - end)
+        end = time.perf_counter()
+        if it % args.print_freq == 0 or it == n_iter - 1:
+            imgs = n * runtime.world_size / max(batch_time.val, 1e-9)
+            logger.info(f"Epoch [{epoch}][{it + 1}/{n_iter}] " + "  ".join(str(m) for m in meters.values())
+                        + f"  {imgs:.0f} img/s  {data_time}")
+    stats = {name: m.avg for name, m in meters.items()}
+    stats["lcr_share"] = weight * stats["lcr"] / stats["loss"] if stats["loss"] > 0 else 0.0
+    stats["img_s"] = meters["loss"].count * runtime.world_size / max(batch_time.sum, 1e-9)
+    stats["data_time"] = data_time.avg
+    if ratio_sum is not None:
+        stats["sigma_ratio"] = (ratio_sum / n_iter).tolist()
+    return stats
+
+
+@torch.no_grad()
+def evaluate(model, loader, runtime, args):
+    """Loss, top-1 and top-5 (%) over exactly the whole validation set, reduced over all ranks."""
+    model.eval()
+    loss_sum, top1, top5, count = 0.0, 0, 0, 0
+    for images, target in loader:
+        images, target = _to_device(images, target, runtime.device, args.channels_last)
+        with autocast(runtime.device, args.amp):
+            logits = model(images)
+        loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
+        c1, c5 = accuracy_counts(logits, target)
+        top1, top5, count = top1 + c1, top5 + c5, count + images.shape[0]
+    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], runtime)
+    count = max(count, 1)
+    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
+            "count": int(count)}

@@ -1,0 +1,246 @@
+"""The training run behind both ``main.py`` scripts: set-up, epochs, checkpoints, evaluation.
+
+``run(args)`` reads like the recipe: pick the device(s), build data and model, restore a
+checkpoint if asked, then for each epoch set the EDE schedule, train, evaluate, checkpoint.
+``main(args)`` wraps it so bad input ends with one ``error:`` line and exit status 1.
+"""
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+import models
+from modules import set_ede_schedule
+from modules.lcr import LipschitzRegularizer
+from utils import checkpoint as ckpt
+from utils.data import DataError, build_datasets
+from utils.distributed import DeviceError, cleanup, setup_runtime
+from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+from utils.logger import TensorBoard, get_logger, save_args, write_summary
+
+WARMUP_EPOCHS = 5
+USER_ERRORS = (DataError, ckpt.CheckpointError, DeviceError, NonFiniteLossError)
+
+
+class ShardSampler(Sampler):
+    """Every ``world_size``-th index from ``rank``, no padding: shards cover the set exactly once."""
+
+    def __init__(self, length, rank, world_size):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+class LRFactor:
+    """Learning-rate multiplier per epoch: cosine to 0 (optionally after a linear warm-up) or steps."""
+
+    def __init__(self, epochs, lr_type="cos", decay_steps=(), warm_up=False):
+        self.epochs, self.lr_type, self.decay_steps = epochs, lr_type, list(decay_steps)
+        self.warmup = min(WARMUP_EPOCHS, epochs - 1) if warm_up else 0
+
+    def __call__(self, epoch):
+        if epoch < self.warmup:
+            return (epoch + 1) / (self.warmup + 1)
+        if self.lr_type == "step":
+            return 0.1 ** sum(epoch >= s for s in self.decay_steps)
+        span = max(self.epochs - self.warmup, 1)
+        return 0.5 * (1 + math.cos(math.pi * (epoch - self.warmup) / span))
+
+
+def epoch_seed(seed, epoch):
+    """Seed of one epoch: the run's randomness is a function of (seed, epoch), so resume is exact."""
+    return seed * 100_003 + epoch
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_loaders(train_set, val_set, args, runtime):
+    """Training and validation loaders; DDP shards both, the validation shards without padding."""
+    per_rank = max(args.batch_size // runtime.world_size, 1)
+    per_rank_test = max(args.batch_size_test // runtime.world_size, 1)
+    pin = runtime.device.type == "cuda"
+    generator = torch.Generator()
+    if runtime.distributed:
+        train_sampler = DistributedSampler(train_set, runtime.world_size, runtime.rank, shuffle=True,
+                                           seed=args.seed)
+    else:
+        train_sampler = None
+    # a last batch of one sample would break BatchNorm1d's batch statistics
+    drop_last = len(train_set) // runtime.world_size % per_rank == 1
+    train = DataLoader(train_set, per_rank, shuffle=train_sampler is None, sampler=train_sampler,
+                       num_workers=args.workers, pin_memory=pin, drop_last=drop_last, generator=generator)
+    val = DataLoader(val_set, per_rank_test, shuffle=False, num_workers=args.workers, pin_memory=pin,
+                     sampler=ShardSampler(len(val_set), runtime.rank, runtime.world_size))
+    return train, val, generator
+
+
+def build_regularizer(args, model):
+    """The LCR loss object for ``--lcr_variant``, or None when ``--alpha 0`` (plain IR-Net)."""
+    if args.alpha == 0:
+        return None
+    if args.lcr_variant == "paper":
+        return LipschitzRegularizer(model, variant="paper", iters=args.lcr_iters)
+    raise DeviceError("--lcr_variant official is not available in this version; use --lcr_variant paper")
+
+
+def wrap_model(model, runtime):
+    """DDP under torchrun, DataParallel over several --gpus, the bare model otherwise."""
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if len(runtime.gpus) > 1:
+        return nn.DataParallel(model, device_ids=runtime.gpus)
+    return model
+
+
+def resolve_resume(args, save_path):
+    """Path of the checkpoint to resume from, or '' for a fresh run; refuses to clobber a run."""
+    own = os.path.join(save_path, "checkpoint.pth.tar")
+    if not args.resume:
+        if os.path.exists(own):
+            raise ckpt.CheckpointError(f"{save_path} already holds a run; pass --resume to continue it "
+                                       f"or --save SUFFIX to start a new one")
+        return ""
+    path = own if args.resume == "auto" else args.resume
+    if not os.path.isfile(path):
+        raise ckpt.CheckpointError(f"nothing to resume: {path} does not exist; drop --resume to start a new run")
+    return path
+
+
+def evaluate_checkpoint(args, runtime, logger):
+    """``-e FILE``: load a checkpoint or bare state dict and report top-1/top-5 on the whole val set."""
+    _, val_set, num_classes = build_datasets(args.dataset, args.data_path, args.download,
+                                             tuple(args.fake_size), args.fake_image_size)
+    model = models.create_model(args.model, num_classes=num_classes)
+    ckpt.load_model_weights(model, ckpt.load_file(args.evaluate), args.evaluate, args.model, num_classes)
+    model.to(runtime.device)
+    _, val_loader, _ = build_loaders(val_set, val_set, args, runtime)
+    result = evaluate(wrap_model(model, runtime), val_loader, runtime, args)
+    logger.info(f"evaluate {args.evaluate}: top-1 {result['top1']:.2f}  top-5 {result['top5']:.2f}  "
+                f"loss {result['loss']:.4f}  over {result['count']} images")
+    return result
+
+
+def run(args):
+    """Train (or, with ``-e``, evaluate) as ``args`` say; returns the last metrics dict."""
+    runtime = setup_runtime(args.gpus)
+    save_path = os.path.join(args.results_dir, args.model + args.save)
+    if runtime.is_main:
+        os.makedirs(save_path, exist_ok=True)
+    logger = get_logger(save_path, runtime.is_main)
+    if runtime.notice:
+        logger.info(runtime.notice)
+    if args.evaluate:
+        return evaluate_checkpoint(args, runtime, logger)
+    resume_path = resolve_resume(args, save_path)
+    if runtime.is_main:
+        save_args(args, save_path)
+    logger.info("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
+
+    seed_all(args.seed)
+    train_set, val_set, num_classes = build_datasets(args.dataset, args.data_path, args.download,
+                                                     tuple(args.fake_size), args.fake_image_size)
+    model = models.create_model(args.model, num_classes=num_classes).to(runtime.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    regularizer = build_regularizer(args, model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LRFactor(args.epochs, args.lr_type, args.lr_decay_step, args.warm_up))
+    for _ in range(args.start_epoch):
+        scheduler.step()
+    start_epoch, best, history = args.start_epoch, {"top1": 0.0, "top5": 0.0}, []
+    if resume_path:
+        state = ckpt.load_file(resume_path)
+        ckpt.load_model_weights(model, state, resume_path, args.model, num_classes)
+        if not ckpt.is_training_checkpoint(state):
+            raise ckpt.CheckpointError(f"{resume_path} is a bare state dict; --resume needs a training checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        start_epoch, history = state["epoch"], list(state["history"])
+        best = {"top1": state["best_top1"], "top5": state["best_top5"]}
+        logger.info(f"resumed from {resume_path}: {start_epoch} epochs done, best top-1 {best['top1']:.2f}")
+    logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, "
+                f"{len(train_set)} training and {len(val_set)} validation images, {num_classes} classes, "
+                f"device {runtime.device}" + (f" x{runtime.world_size} processes" if runtime.distributed else ""))
+
+    net = wrap_model(model, runtime)
+    train_loader, val_loader, generator = build_loaders(train_set, val_set, args, runtime)
+    board = TensorBoard(save_path, runtime.is_main)
+    summary_path = os.path.join(save_path, "summary.csv")
+    started = time.time()
+    val = {}
+    for epoch in range(start_epoch, args.epochs):
+        epoch_start = time.time()
+        seed_all(epoch_seed(args.seed, epoch))
+        generator.manual_seed(epoch_seed(args.seed, epoch))
+        if runtime.distributed:
+            train_loader.sampler.set_epoch(epoch)
+        t, _ = set_ede_schedule(model, epoch, args.epochs, args.Tmin, args.Tmax)
+        lr = optimizer.param_groups[0]["lr"]
+        train = train_one_epoch(net, regularizer, train_loader, optimizer, runtime, epoch, args, logger)
+        val = evaluate(net, val_loader, runtime, args)
+        scheduler.step()
+        is_best = val["top1"] > best["top1"]
+        if is_best:
+            best = {"top1": val["top1"], "top5": val["top5"]}
+        ratios = train.pop("sigma_ratio", [])
+        row = {"epoch": epoch, "lr": lr, "ede_t": t}
+        row.update({f"train_{k}": v for k, v in train.items()})
+        row.update({f"val_{k}": v for k, v in val.items() if k != "count"})
+        row.update({"best_top1": best["top1"], "best_top5": best["top5"], "epoch_time_s": time.time() - epoch_start})
+        if ratios:
+            row["sigma_ratio_mean"] = sum(ratios) / len(ratios)
+        history.append(row)
+        if runtime.is_main:
+            state = {
+                "format_version": ckpt.FORMAT_VERSION, "model": args.model, "num_classes": num_classes,
+                "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": None, "extra": {},
+                "best_top1": best["top1"], "best_top5": best["top5"], "history": history,
+                "args": vars(args), "rng": ckpt.rng_state(),
+            }
+            ckpt.save_atomic(state, os.path.join(save_path, "checkpoint.pth.tar"))
+            if is_best:
+                ckpt.save_atomic(state, os.path.join(save_path, "model_best.pth.tar"))
+            write_summary(history, summary_path)
+            board.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch)
+            board.scalars({f"layer{i}": r for i, r in enumerate(ratios)}, epoch, prefix="sigma_ratio/")
+        line = (f"Epoch {epoch} done: train loss {train['loss']:.4f} (CE {train['ce']:.4f}, LCR {train['lcr']:.4f}, "
+                f"share {100 * train['lcr_share']:.1f} %) top-1 {train['top1']:.2f} | val top-1 {val['top1']:.2f} "
+                f"top-5 {val['top5']:.2f} | best {best['top1']:.2f} | {train['img_s']:.0f} img/s")
+        if args.time_estimate:
+            per_epoch = (time.time() - started) / (epoch + 1 - start_epoch)
+            finish = time.localtime(time.time() + per_epoch * (args.epochs - epoch - 1))
+            line += f" | finish at {time.strftime('%Y-%m-%d %H:%M', finish)}"
+        logger.info(line)
+    board.close()
+    logger.info(f"finished: best top-1 {best['top1']:.2f} top-5 {best['top5']:.2f}; "
+                f"last top-1 {val.get('top1', float('nan')):.2f}; run folder {save_path}")
+    cleanup(runtime)
+    return {"best_top1": best["top1"], "best_top5": best["top5"], **{f"last_{k}": v for k, v in val.items()}}
+
+
+def main(args):
+    """Entry point of both scripts: run, and turn user errors into one line and exit status 1."""
+    try:
+        return run(args)
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
