@@ -1,0 +1,1 @@
+"""Shared helpers for training and evaluating LCR-BNN models."""
