@@ -6,7 +6,6 @@ import time
 import torch
 import torch.nn.functional as F
 
-from modules.lcr import LCR_SCALE
 from utils.distributed import all_reduce_sum
 from utils.logger import AverageMeter, accuracy_counts
 
@@ -39,7 +38,7 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
     model.train()
     meters = {name: AverageMeter(name) for name in ("loss", "ce", "lcr", "top1", "top5")}
     batch_time, data_time = AverageMeter("time", ":.3f"), AverageMeter("data", ":.3f")
-    weight = args.alpha * LCR_SCALE
+    weight = args.alpha * (regularizer.weight_scale if regularizer is not None else 0.0)
     ratio_sum = None
     n_iter = len(loader)
     end = time.perf_counter()
@@ -59,7 +58,8 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
                 lcr = regularizer.loss()
                 loss = ce + weight * lcr
                 ratios = regularizer.stats()
-                ratio_sum = ratios if ratio_sum is None else ratio_sum + ratios
+                if ratios is not None:
+                    ratio_sum = ratios if ratio_sum is None else ratio_sum + ratios
         if not math.isfinite(loss.item()):
             raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} iteration {it}")
         optimizer.zero_grad(set_to_none=True)

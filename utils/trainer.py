@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 import models
 from modules import set_ede_schedule
 from modules.lcr import LipschitzRegularizer
+from modules.lcr_official import OfficialLCR
 from utils import checkpoint as ckpt
 from utils.data import DataError, build_datasets
 from utils.distributed import DeviceError, cleanup, setup_runtime
@@ -88,13 +89,53 @@ def build_loaders(train_set, val_set, args, runtime):
     return train, val, generator
 
 
-def build_regularizer(args, model):
+def load_fp_network(args, num_classes, device, logger):
+    """The frozen full-precision network of the official LCR form, with ``--fp_weights``/``--fp_pretrained``."""
+    state, source = None, ""
+    if args.fp_weights:
+        state = ckpt.load_file(args.fp_weights)
+        if ckpt.is_training_checkpoint(state):
+            num_classes = state["num_classes"]
+        else:
+            num_classes = state["fc.weight"].shape[0] if "fc.weight" in state else num_classes
+        source = args.fp_weights
+    elif args.fp_pretrained:
+        state, num_classes, source = torchvision_weights(args.model_fp), 1000, "torchvision ImageNet weights"
+    fp_model = models.create_model(args.model_fp, num_classes=num_classes)
+    if state is None:
+        logger.warning(f"WARNING: the official LCR form compares with a RANDOM {args.model_fp}; "
+                       f"pass --fp_weights FILE or --fp_pretrained for a trained one")
+    else:
+        ckpt.load_model_weights(fp_model, state, source, args.model_fp, num_classes)
+        logger.info(f"official LCR: frozen {args.model_fp} loaded from {source}")
+    return fp_model.to(device)
+
+
+def torchvision_weights(name):
+    """torchvision's ImageNet state dict for ``resnet18_fp``/``resnet34_fp`` (downloads: needs a network)."""
+    import torchvision
+    builders = {"resnet18_fp": ("resnet18", "ResNet18_Weights"), "resnet34_fp": ("resnet34", "ResNet34_Weights")}
+    if name not in builders:
+        raise ckpt.CheckpointError(f"--fp_pretrained has torchvision weights only for {', '.join(builders)}; "
+                                   f"pass --fp_weights FILE for {name}")
+    arch, weights = builders[name]
+    try:
+        return getattr(torchvision.models, weights).IMAGENET1K_V1.get_state_dict(progress=False)
+    except Exception as exc:  # no network, proxy, or a torn download
+        raise ckpt.CheckpointError(f"could not download torchvision's {arch} weights ({type(exc).__name__}); "
+                                   f"download them elsewhere and pass --fp_weights FILE") from None
+
+
+def build_regularizer(args, model, num_classes, device, logger):
     """The LCR loss object for ``--lcr_variant``, or None when ``--alpha 0`` (plain IR-Net)."""
     if args.alpha == 0:
         return None
     if args.lcr_variant == "paper":
         return LipschitzRegularizer(model, variant="paper", iters=args.lcr_iters)
-    raise DeviceError("--lcr_variant official is not available in this version; use --lcr_variant paper")
+    fp_model = load_fp_network(args, num_classes, device, logger)
+    if args.channels_last:
+        fp_model = fp_model.to(memory_format=torch.channels_last)
+    return OfficialLCR(model, fp_model, args.batch_size)
 
 
 def wrap_model(model, runtime):
@@ -157,9 +198,12 @@ def run(args):
     model = models.create_model(args.model, num_classes=num_classes).to(runtime.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    regularizer = build_regularizer(args, model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    try:
+        regularizer = build_regularizer(args, model, num_classes, runtime.device, logger)
+    except ValueError as exc:
+        raise ckpt.CheckpointError(f"--lcr_variant {args.lcr_variant} does not fit --model {args.model}: {exc}") from None
+    params = list(model.parameters()) + (regularizer.parameters() if regularizer else [])
+    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, LRFactor(args.epochs, args.lr_type, args.lr_decay_step, args.warm_up))
     for _ in range(args.start_epoch):
@@ -170,7 +214,13 @@ def run(args):
         ckpt.load_model_weights(model, state, resume_path, args.model, num_classes)
         if not ckpt.is_training_checkpoint(state):
             raise ckpt.CheckpointError(f"{resume_path} is a bare state dict; --resume needs a training checkpoint")
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if regularizer and state["extra"]:
+                regularizer.load_state_dict(state["extra"])
+        except (ValueError, KeyError) as exc:
+            raise ckpt.CheckpointError(f"{resume_path} was trained with another --alpha/--lcr_variant "
+                                       f"({exc}); resume with the flags it was started with") from None
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         start_epoch, history = state["epoch"], list(state["history"])
@@ -212,7 +262,8 @@ def run(args):
             state = {
                 "format_version": ckpt.FORMAT_VERSION, "model": args.model, "num_classes": num_classes,
                 "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": None, "extra": {},
+                "scheduler": scheduler.state_dict(), "scaler": None,
+                "extra": regularizer.state_dict() if regularizer else {},
                 "best_top1": best["top1"], "best_top5": best["top5"], "history": history,
                 "args": vars(args), "rng": ckpt.rng_state(),
             }
