@@ -56,9 +56,11 @@ class BinarizeConv2d(nn.Conv2d):
 
     Same constructor as ``nn.Conv2d``. Buffers ``t`` and ``k`` hold the EDE parameters (saved in
     checkpoints, moved with ``.to()``). The layer hides nothing else: the Lipschitz regulariser
-    reads the layer's real input and its signs through :attr:`recorder`, a callable that is
-    ``None`` unless a :class:`modules.lcr.LipschitzRegularizer` is recording, so recording costs
-    nothing when it is off. ``lcr_chain`` says whether the layer is on the main path that the
+    reads the layer's real input and its signs through :attr:`recorder`, a callable
+    ``recorder(layer, x, x_bin) -> x_bin`` that is ``None`` unless a
+    :class:`modules.lcr.LipschitzRegularizer` is recording, so recording costs nothing when it is
+    off. (The regulariser hands back ``x_bin`` through an identity whose backward adds the LCR
+    gradient.) ``lcr_chain`` says whether the layer is on the main path that the
     regulariser follows (binary 1x1 shortcut convolutions, if a model has any, set it to False).
     """
 
@@ -80,7 +82,7 @@ class BinarizeConv2d(nn.Conv2d):
     def forward(self, x):
         x_bin = binary_sign(x, self.t, self.k)
         if self.recorder is not None:
-            self.recorder(self, x, x_bin)
+            x_bin = self.recorder(self, x, x_bin)
         return F.conv2d(x_bin, self.binary_weight(), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from modules.binary import BinarizeConv2d, binary_sign
 
 __all__ = ["LCR_SCALE", "LCRTap", "retention_matrix", "spectral_norm", "power_iteration",
-           "pair_sigma", "LipschitzRegularizer"]
+           "pair_sigma", "chain_sigmas", "LipschitzRegularizer"]
 
 # c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is about 0.17 (per-layer sigma_B/sigma_F
 # 1.2 .. 1.6) for both binary ResNet-20 (CIFAR) and ResNet-18 (ImageNet), so c = 0.06 puts the LCR
@@ -122,19 +122,151 @@ def pair_sigma(x, y, iters=5):
     ``sigma = (X^T u) . (Y^T v) / N`` is then evaluated on the factors (rank-one gradient).
     """
     xf, yf, n = _factors(x, y)
-    b, c1, c2 = xf.shape[0], xf.shape[1], yf.shape[1]
     with torch.no_grad():
-        if c1 * c2 <= 2 * iters * (c1 + c2):
+        if _explicit(xf.shape[1], yf.shape[1], iters):
             rm = torch.bmm(xf, yf.transpose(1, 2)) / n
-            matvec = lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2)  # noqa: E731
-            rmatvec = lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1)  # noqa: E731
+            u, v = power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
+                                   lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
+                                   rm.shape[:2], iters, rm.device)
         else:
-            matvec = lambda v: torch.bmm(xf, torch.bmm(v.unsqueeze(1), yf).transpose(1, 2)).squeeze(2) / n  # noqa: E731
-            rmatvec = lambda u: torch.bmm(yf, torch.bmm(u.unsqueeze(1), xf).transpose(1, 2)).squeeze(2) / n  # noqa: E731
-        u, v = power_iteration(matvec, rmatvec, (b, c1), iters, xf.device)
+            u, v = _factor_power_iteration(xf, yf, n, iters)
+    return _rank_one_sigma(xf, yf, n, u, v)
+
+
+def _explicit(c1, c2, iters):
+    """Whether forming RM (N C1 C2 per sample) beats iterating on the factors (2 N (C1+C2) per step)."""
+    return c1 * c2 <= 2 * iters * (c1 + c2)
+
+
+def _rank_one_sigma(xf, yf, n, u, v):
+    """``sigma = (X^T u) . (Y^T v) / N`` with ``u``, ``v`` fixed: the gradient is rank one."""
     xu = torch.bmm(u.unsqueeze(1), xf).squeeze(1)
     yv = torch.bmm(v.unsqueeze(1), yf).squeeze(1)
     return (xu * yv).sum(dim=1) / n
+
+
+def _pair_power_iterations(signs, reals, iters):
+    """Top singular vectors of ``RM_B^k`` and ``sigma(RM_F^k)`` for every consecutive pair, no gradient.
+
+    Every retention matrix that is cheap to form is formed once, and the power iterations of all
+    pairs whose matrices have the same shape (binary and real alike) run as one batched iteration;
+    the real side's sigma is read off its small matrix. Pairs of wide layers iterate on the factors.
+    Returns ``(factors_b, uv_b, sig_f)``: lists over pairs of the binary factors ``(X, Y, N)``,
+    of ``(u, v)`` and of B values.
+    """
+    k_pairs = len(signs) - 1
+    uv_b, sig_f = [None] * k_pairs, [None] * k_pairs
+    factors_b = [_factors(signs[k], signs[k + 1]) for k in range(k_pairs)]
+    groups = {}
+    for k in range(k_pairs):
+        fb = factors_b[k]
+        ff = _factors(reals[k], reals[k + 1])
+        c1, c2 = fb[0].shape[1], fb[1].shape[1]
+        if _explicit(c1, c2, iters):
+            for side, (x, y, n) in (("b", fb), ("f", ff)):
+                groups.setdefault((c1, c2), []).append((k, side, torch.bmm(x, y.transpose(1, 2)) / n))
+        else:
+            uv_b[k] = _factor_power_iteration(*fb, iters)
+            sig_f[k] = _rank_one_sigma(*ff, *_factor_power_iteration(*ff, iters))
+    for members in groups.values():
+        stacked = torch.cat([rm for _, _, rm in members])
+        u, v = power_iteration(lambda v: torch.bmm(stacked, v.unsqueeze(2)).squeeze(2),
+                               lambda u: torch.bmm(u.unsqueeze(1), stacked).squeeze(1),
+                               stacked.shape[:2], iters, stacked.device)
+        start = 0
+        for k, side, rm in members:
+            ui, vi = u[start:start + rm.shape[0]], v[start:start + rm.shape[0]]
+            start += rm.shape[0]
+            if side == "b":
+                uv_b[k] = (ui, vi)
+            else:
+                sig_f[k] = torch.einsum("bi,bij,bj->b", ui, rm, vi)
+    return factors_b, uv_b, sig_f
+
+
+def _factor_power_iteration(xf, yf, n, iters):
+    """Power iteration on ``RM = X Y^T / N`` through the factors, never forming RM."""
+    def matvec(v):
+        return torch.bmm(xf, torch.bmm(v.unsqueeze(1), yf).transpose(1, 2)).squeeze(2) / n
+
+    def rmatvec(u):
+        return torch.bmm(yf, torch.bmm(u.unsqueeze(1), xf).transpose(1, 2)).squeeze(2) / n
+    return power_iteration(matvec, rmatvec, (xf.shape[0], xf.shape[1]), iters, xf.device)
+
+
+def chain_sigmas(signs, reals, iters=5):
+    """``sigma(RM_B^k)`` and ``sigma(RM_F^k)`` for every consecutive pair of a chain, K x B each, no gradient.
+
+    ``signs`` and ``reals`` are the chain ``A^0 .. A^K`` (binary and real). Equal, pair by pair, to
+    :func:`pair_sigma` (which is the plain, differentiable reference).
+    """
+    with torch.no_grad():
+        factors_b, uv_b, sig_f = _pair_power_iterations(signs, reals, iters)
+        sig_b = [_rank_one_sigma(*factors_b[k], *uv_b[k]) for k in range(len(uv_b))]
+    return torch.stack(sig_b), torch.stack(sig_f)
+
+
+class _DeferredGrad:
+    """The LCR gradient with respect to one recorded binary activation, kept as rank-one factors.
+
+    ``d sigma / d X = u (Y^T v)^T / N`` and ``d sigma / d Y = v (X^T u)^T / N`` per sample, so the
+    gradient of ``L_LCR`` with respect to a binary activation is a sum of outer products of small
+    vectors. It is materialised (one activation-sized tensor at a time) only when the backward
+    pass reaches the activation, instead of 2K activation-sized gradients waiting from the start
+    of the backward pass.
+    """
+
+    def __init__(self):
+        self.terms = []          # (coef B, vec_c B x C, vec_n B x N, spatial size of the term)
+        self.scale = None        # d total / d L_LCR, set by the loss node's backward
+
+    def materialize(self, like):
+        grad = None
+        for coef, vec_c, vec_n, size in self.terms:
+            g = ((coef * self.scale)[:, None, None] * vec_c[:, :, None] * vec_n[:, None, :])
+            g = g.view(g.shape[0], g.shape[1], *size)
+            if tuple(size) != tuple(like.shape[-2:]):
+                g = torch.ops.aten._adaptive_avg_pool2d_backward(g, like.float())
+            grad = g if grad is None else grad + g
+        return grad
+
+
+class _InjectLCRGrad(torch.autograd.Function):
+    """Identity on a recorded binary activation whose backward adds its deferred LCR gradient."""
+
+    @staticmethod
+    def forward(ctx, x, slot):
+        ctx.slot = slot
+        ctx.save_for_backward(x)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        slot = ctx.slot
+        if slot.scale is None or not slot.terms:
+            return grad, None
+        (x,) = ctx.saved_tensors
+        return grad + slot.materialize(x).to(grad.dtype), None
+
+
+class _LCRLossNode(torch.autograd.Function):
+    """Returns the precomputed ``L_LCR`` value; its backward hands ``d total / d L_LCR`` to the slots.
+
+    The recorded activations are inputs only so that the backward pass reaches their
+    :class:`_InjectLCRGrad` nodes, which then add the actual gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, slots, value, *anchors):
+        ctx.slots = slots
+        ctx.n_anchors = len(anchors)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        for slot in ctx.slots:
+            slot.scale = grad.float()
+        return (None, None) + (None,) * ctx.n_anchors
 
 
 class LipschitzRegularizer:
@@ -153,6 +285,11 @@ class LipschitzRegularizer:
     installed and nothing is kept, so alpha = 0 training pays nothing. Works through DataParallel
     (activations are grouped per device, each replica's chain in forward order) and DDP.
     The training loss is ``CE + alpha * weight_scale * loss()`` with ``weight_scale = LCR_SCALE``.
+
+    ``loss()`` computes its value without building an autograd graph of its own. Its gradient,
+    which is exactly that of the formula above (``u``, ``v`` fixed, ``sigma_F`` detached), is
+    added to each binary activation when the backward pass reaches it, so the regulariser holds
+    only a few vectors per layer between the forward and the backward pass.
     """
 
     weight_scale = LCR_SCALE
@@ -186,7 +323,13 @@ class LipschitzRegularizer:
         """Nothing to restore (kept for symmetry with the official form)."""
 
     def _record(self, module, x, x_bin):
-        self._records.setdefault(x.device, []).append((x, x_bin))
+        if x_bin is None:  # the feature map after the last binary block: its sign is ours to take
+            last = self._last_conv
+            x_bin = binary_sign(x, last.t.to(x.device), last.k.to(x.device))
+        slot = _DeferredGrad()
+        tapped = _InjectLCRGrad.apply(x_bin, slot)
+        self._records.setdefault(x.device, []).append((x, tapped, slot))
+        return tapped
 
     @contextlib.contextmanager
     def record(self):
@@ -200,36 +343,48 @@ class LipschitzRegularizer:
             for m in self.layers:
                 m.recorder = None
 
-    def _chain_sigmas(self, chain):
-        """Per-pair ``sigma_B`` (with gradient) and ``sigma_F`` (detached), each K x B."""
-        real = [x for x, _ in chain]
-        signs = [xb if xb is not None else binary_sign(x, self._last_conv.t.to(x.device),
-                                                         self._last_conv.k.to(x.device))
-                 for x, xb in chain]
-        sig_b, sig_f = [], []
-        for k in range(len(chain) - 1):
-            sig_b.append(pair_sigma(signs[k], signs[k + 1], self.iters))
-            with torch.no_grad():
-                sig_f.append(pair_sigma(real[k], real[k + 1], self.iters))
-        return torch.stack(sig_b), torch.stack(sig_f)
-
     def loss(self):
         """Unweighted ``L_LCR`` (scalar tensor with gradient) from the last recorded forward pass."""
         if not self._records:
             raise RuntimeError("LipschitzRegularizer.loss() needs a forward pass inside record()")
-        ratios = []
-        out_device = None
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
-            for device, chain in self._records.items():
+        total = sum(len(chain[0][0]) for chain in self._records.values())
+        out_device = next(iter(self._records))
+        ratios, slots, anchors = [], [], []
+        with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            for chain in self._records.values():
                 if len(chain) < 2:
                     raise RuntimeError("the LCR chain needs at least two recorded activations")
-                out_device = out_device or device
-                sig_b, sig_f = self._chain_sigmas(chain)
-                ratios.append((sig_b / sig_f.clamp_min(1e-12)).to(out_device))
+                ratios.append(self._chain_terms(chain, total).to(out_device))
+                slots += [slot for _, _, slot in chain]
+                anchors += [tapped for _, tapped, _ in chain]
+            ratio = torch.cat(ratios, dim=1)
+            value = ((ratio - 1) ** 2).mean()
         self._records = {}
-        ratio = torch.cat(ratios, dim=1)
-        self._ratios = ratio.detach().mean(dim=1)
-        return ((ratio - 1) ** 2).mean()
+        self._ratios = ratio.mean(dim=1)
+        return _LCRLossNode.apply(slots, value, *anchors)
+
+    def _chain_terms(self, chain, total):
+        """Ratios ``sigma_B / sigma_F`` (K x B) of one device's chain; fills the chain's gradient slots."""
+        reals = [x.float() for x, _, _ in chain]
+        signs = [xb.float() for _, xb, _ in chain]
+        factors_b, uv_b, sig_f = _pair_power_iterations(signs, reals, self.iters)
+        k_pairs = len(chain) - 1
+        ratios = []
+        for k in range(k_pairs):
+            xf, yf, n = factors_b[k]
+            u, v = uv_b[k]
+            xu = torch.bmm(u.unsqueeze(1), xf).squeeze(1)
+            yv = torch.bmm(v.unsqueeze(1), yf).squeeze(1)
+            sig_b = (xu * yv).sum(dim=1) / n
+            denom = sig_f[k].clamp_min(1e-12)
+            ratio = sig_b / denom
+            # d L / d sigma_B for L = mean over K pairs and all `total` samples of (ratio - 1)^2
+            coef = 2 * (ratio - 1) / denom / (k_pairs * total) / n
+            size = signs[k + 1].shape[-2:]
+            chain[k][2].terms.append((coef, u, yv, size))
+            chain[k + 1][2].terms.append((coef, v, xu, size))
+            ratios.append(ratio)
+        return torch.stack(ratios)
 
     def stats(self):
         """Per-layer mean ``sigma_B / sigma_F`` (K values, detached) of the last :meth:`loss` call."""

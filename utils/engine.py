@@ -28,6 +28,34 @@ def _to_device(images, target, device, channels_last):
     return images, target.to(device, non_blocking=True)
 
 
+def train_step(model, regularizer, images, target, optimizer, weight, amp=False, check_finite=None):
+    """One SGD step on ``CE + weight * regularizer.loss()`` (just CE when ``regularizer`` is None).
+
+    ``check_finite(value) -> message``: when given, a non-finite loss raises
+    :class:`NonFiniteLossError` with that message before any parameter changes. Returns a dict of
+    tensors: logits, loss, ce, lcr (None without regulariser) and ratios (per-layer sigma_B/sigma_F).
+    """
+    with autocast(images.device, amp):
+        if regularizer is None:
+            logits = model(images)
+            ce = F.cross_entropy(logits, target)
+            lcr, ratios, loss = None, None, ce
+        else:
+            with regularizer.record():
+                logits = model(images)
+            ce = F.cross_entropy(logits, target)
+            lcr = regularizer.loss()
+            ratios = regularizer.stats()
+            loss = ce + weight * lcr
+    if check_finite is not None and not math.isfinite(loss.item()):
+        raise NonFiniteLossError(check_finite(loss.item()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"logits": logits.detach(), "loss": loss.detach(), "ce": ce.detach(),
+            "lcr": None if lcr is None else lcr.detach(), "ratios": ratios}
+
+
 def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args, logger):
     """Train for one epoch; ``regularizer`` is None when ``--alpha 0`` (plain IR-Net, nothing recorded).
 
@@ -45,29 +73,14 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
     for it, (images, target) in enumerate(loader):
         images, target = _to_device(images, target, runtime.device, args.channels_last)
         data_time.update(time.perf_counter() - end)
-        with autocast(runtime.device, args.amp):
-            if regularizer is None:
-                logits = model(images)
-                ce = F.cross_entropy(logits, target)
-                lcr = None
-                loss = ce
-            else:
-                with regularizer.record():
-                    logits = model(images)
-                ce = F.cross_entropy(logits, target)
-                lcr = regularizer.loss()
-                loss = ce + weight * lcr
-                ratios = regularizer.stats()
-                if ratios is not None:
-                    ratio_sum = ratios if ratio_sum is None else ratio_sum + ratios
-        if not math.isfinite(loss.item()):
-            raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} iteration {it}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        step = train_step(model, regularizer, images, target, optimizer, weight, args.amp,
+                          check_finite=lambda value: f"loss is {value} at epoch {epoch} iteration {it}")
+        logits, loss, ce, lcr = step["logits"], step["loss"], step["ce"], step["lcr"]
+        if step["ratios"] is not None:
+            ratio_sum = step["ratios"] if ratio_sum is None else ratio_sum + step["ratios"]
 
         n = images.shape[0]
-        top1, top5 = accuracy_counts(logits.detach(), target)
+        top1, top5 = accuracy_counts(logits, target)
         meters["loss"].update(loss.item(), n)
         meters["ce"].update(ce.item(), n)
         meters["lcr"].update(0.0 if lcr is None else lcr.item(), n)

@@ -1,0 +1,173 @@
+"""Benchmark one training step with and without the Lipschitz regulariser.
+
+For each model and batch size it times ``utils.engine.train_step`` (the training loop's own step:
+forward, loss, backward, SGD) on random data for alpha 0 (plain IR-Net) and alpha > 0 in each
+chosen LCR form, and reports medians of step time, images/s, peak memory and the ratios to alpha 0.
+Configurations are interleaved round by round, so drift on a shared machine hits all of them alike.
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the peak of
+the live bytes that ops allocate during one step, from ``torch.profiler``'s memory records
+(op granularity: a peak inside a single op is not seen).
+
+    python tools/bench.py --models resnet20_1w1a --batch_sizes 128 --device cpu
+    python tools/bench.py --models resnet18_1w1a_IR --batch_sizes 128 --device cuda --amp --channels_last
+"""
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from modules import set_ede_schedule  # noqa: E402
+from modules.lcr import LipschitzRegularizer  # noqa: E402
+from modules.lcr_official import OfficialLCR  # noqa: E402
+from utils.engine import train_step  # noqa: E402
+
+FP_TWIN = {"resnet18_1w1a_IR": "resnet18_fp", "resnet34_1w1a_IR": "resnet34_fp",
+           "resnet18_1w1a": "resnet18_cifar_fp"}
+
+
+def image_side(name):
+    """Input side in pixels: 224 for the ImageNet networks, 32 for the CIFAR ones."""
+    return 224 if name.endswith("_IR") or name in ("resnet18_fp", "resnet34_fp") else 32
+
+
+def hardware(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+class Config:
+    """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
+
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters):
+        self.label = "alpha 0" if form == "none" else f"alpha {alpha:g} {form}"
+        self.form, self.amp = form, amp
+        classes = 1000 if image_side(name) == 224 else 10
+        torch.manual_seed(0)
+        self.model = models.create_model(name, num_classes=classes).to(device)
+        set_ede_schedule(self.model, 0, 1)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = self.model.to(memory_format=fmt)
+        params = list(self.model.parameters())
+        self.reg, self.weight = None, 0.0
+        if form == "paper":
+            self.reg = LipschitzRegularizer(self.model, iters=iters)
+        elif form == "official":
+            fp = models.create_model(FP_TWIN[name], num_classes=classes).to(device).to(memory_format=fmt)
+            self.reg = OfficialLCR(self.model, fp, batch)
+            params += self.reg.parameters()
+        if self.reg is not None:
+            self.weight = alpha * self.reg.weight_scale
+        self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+        side = image_side(name)
+        self.x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=fmt)
+        self.y = torch.randint(0, classes, (batch,), device=device)
+        self.times = []
+
+    def step(self):
+        train_step(self.model, self.reg, self.x, self.y, self.opt, self.weight, self.amp)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_peak_bytes(cfg):
+    """Peak live bytes of the CPU allocator during one step (profiler memory events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cfg.step()
+    # self_cpu_memory_usage: bytes an op allocated minus freed outside its children; "[memory]"
+    # entries are frees no op claims. Summed in start order they trace the live-bytes curve.
+    deltas = [(e.time_range.start, e.self_cpu_memory_usage) for e in prof.events()]
+    live = peak = 0
+    for _, d in sorted(deltas, key=lambda t: t[0]):
+        live += d
+        peak = max(peak, live)
+    return peak
+
+
+def measure_memory(cfg, device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        cfg.step()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    return cpu_peak_bytes(cfg)
+
+
+def run(args):
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = []
+    print(f"# device: {hardware(device)}; torch {torch.__version__}; steps {args.steps} x rounds {args.rounds}; "
+          f"amp {args.amp}; channels_last {args.channels_last}")
+    for name in args.models:
+        for batch in args.batch_sizes:
+            forms = ["none"] + [f for f in args.forms if f != "official" or name in FP_TWIN]
+            cfgs = [Config(name, batch, f, args.alpha, device, args.channels_last, args.amp, args.lcr_iters)
+                    for f in forms]
+            for cfg in cfgs:
+                for _ in range(args.warmup):
+                    cfg.step()
+            mem = {cfg.label: measure_memory(cfg, device) for cfg in cfgs}
+            for _ in range(args.rounds):
+                for cfg in cfgs:
+                    for _ in range(args.steps):
+                        sync(device)
+                        t0 = time.perf_counter()
+                        cfg.step()
+                        sync(device)
+                        cfg.times.append(time.perf_counter() - t0)
+            base = cfgs[0]
+            t_base = statistics.median(base.times)
+            for cfg in cfgs:
+                t = statistics.median(cfg.times)
+                rows.append({"model": name, "batch": batch, "config": cfg.label, "step_ms": 1000 * t,
+                             "img_s": batch / t, "peak_mib": mem[cfg.label] / 2**20,
+                             "time_ratio": t / t_base, "mem_ratio": mem[cfg.label] / max(mem[base.label], 1)})
+    print("| model | batch | config | step ms | img/s | peak MiB | time / alpha 0 | memory / alpha 0 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['batch']} | {r['config']} | {r['step_ms']:.1f} | {r['img_s']:.0f} | "
+              f"{r['peak_mib']:.0f} | {r['time_ratio']:.3f} | {r['mem_ratio']:.3f} |")
+    return rows
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["resnet20_1w1a"], choices=models.list_models(),
+                   help="models to time (default resnet20_1w1a)")
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[128], help="batch sizes (default 128)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--forms", nargs="+", default=["paper", "official"], choices=["paper", "official"],
+                   help="LCR forms to compare with alpha 0 (default both; official needs a ResNet with 4 stages)")
+    p.add_argument("--alpha", type=float, default=8.0, help="alpha of the LCR runs (default 8)")
+    p.add_argument("--lcr_iters", type=int, default=5, help="power iterations (default 5)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per config per round (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    return p
+
+
+def main(argv=None):
+    return run(get_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
