@@ -117,3 +117,26 @@ def evaluate(model, loader, runtime, args):
     count = max(count, 1)
     return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
             "count": int(count)}
+
+
+@torch.no_grad()
+def empirical_lipschitz(model, images, eps=0.01, trials=8, seed=0):
+    """Largest ``||f(x + d) - f(x)|| / ||d||`` over ``trials`` random ``d`` per image (logits as f).
+
+    ``d`` is a Gaussian direction scaled to ``eps * ||x||`` per image; a private generator keeps
+    the training RNG streams untouched, so the estimate is the same function of the weights in
+    every epoch and after a resume. Runs in eval mode and restores the previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    ref = model(images).float()
+    x_norm = images.flatten(1).norm(dim=1)
+    best = 0.0
+    for _ in range(trials):
+        d = torch.randn(images.shape, generator=gen).to(images.device, images.dtype)
+        d = d * (eps * x_norm / d.flatten(1).norm(dim=1)).view(-1, *[1] * (images.dim() - 1))
+        ratio = (model(images + d).float() - ref).flatten(1).norm(dim=1) / d.flatten(1).norm(dim=1)
+        best = max(best, ratio.max().item())
+    model.train(was_training)
+    return best

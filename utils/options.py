@@ -97,6 +97,10 @@ def get_args_parser(defaults, description):
     g.add_argument("--lcr_iters", type=int, default=5, help="power iterations per retention matrix")
     g.add_argument("--fp_weights", default="", metavar="FILE",
                    help="official form: weights of the frozen FP network (state dict or checkpoint)")
+    g.add_argument("--lip_images", type=int, default=64,
+                   help="validation images for the per-epoch empirical Lipschitz estimate (0: off)")
+    g.add_argument("--lip_eps", type=float, default=0.01,
+                   help="perturbation size of that estimate, relative to each image's norm")
     g.add_argument("--fp_pretrained", action="store_true",
                    help="official form: torchvision's ImageNet weights for the FP network (needs a network)")
     return p
@@ -113,6 +117,8 @@ def validate_args(parser, args):
         parser.error(f"--alpha must be >= 0 (0 trains plain IR-Net), got {args.alpha}")
     if args.lr <= 0:
         parser.error(f"--lr must be positive, got {args.lr}")
+    if args.lip_images < 0 or args.lip_eps <= 0:
+        parser.error(f"--lip_images must be >= 0 and --lip_eps > 0, got {args.lip_images} and {args.lip_eps}")
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     if not 0 <= args.start_epoch < args.epochs:

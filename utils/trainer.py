@@ -22,7 +22,7 @@ from modules.lcr_official import OfficialLCR
 from utils import checkpoint as ckpt
 from utils.data import DataError, build_datasets
 from utils.distributed import DeviceError, cleanup, setup_runtime
-from utils.engine import NonFiniteLossError, evaluate, train_one_epoch
+from utils.engine import NonFiniteLossError, empirical_lipschitz, evaluate, train_one_epoch
 from utils.logger import TensorBoard, get_logger, save_args, write_summary
 
 WARMUP_EPOCHS = 5
@@ -232,6 +232,10 @@ def run(args):
 
     net = wrap_model(model, runtime)
     train_loader, val_loader, generator = build_loaders(train_set, val_set, args, runtime)
+    lip_images = None
+    if args.lip_images:
+        count = min(args.lip_images, len(val_set))
+        lip_images = torch.stack([val_set[i][0] for i in range(count)]).to(runtime.device)
     board = TensorBoard(save_path, runtime.is_main)
     summary_path = os.path.join(save_path, "summary.csv")
     started = time.time()
@@ -257,6 +261,9 @@ def run(args):
         row.update({"best_top1": best["top1"], "best_top5": best["top5"], "epoch_time_s": time.time() - epoch_start})
         if ratios:
             row["sigma_ratio_mean"] = sum(ratios) / len(ratios)
+            row.update({f"sigma_ratio_{i}": r for i, r in enumerate(ratios)})
+        if lip_images is not None:
+            row["lipschitz_emp"] = empirical_lipschitz(model, lip_images, args.lip_eps)
         history.append(row)
         if runtime.is_main:
             state = {
@@ -271,7 +278,7 @@ def run(args):
             if is_best:
                 ckpt.save_atomic(state, os.path.join(save_path, "model_best.pth.tar"))
             write_summary(history, summary_path)
-            board.scalars({k: v for k, v in row.items() if k != "epoch"}, epoch)
+            board.scalars({k: v for k, v in row.items() if k != "epoch" and not k.startswith("sigma_ratio_")}, epoch)
             board.scalars({f"layer{i}": r for i, r in enumerate(ratios)}, epoch, prefix="sigma_ratio/")
         line = (f"Epoch {epoch} done: train loss {train['loss']:.4f} (CE {train['ce']:.4f}, LCR {train['lcr']:.4f}, "
                 f"share {100 * train['lcr_share']:.1f} %) top-1 {train['top1']:.2f} | val top-1 {val['top1']:.2f} "
