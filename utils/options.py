@@ -69,6 +69,8 @@ def get_args_parser(defaults, description):
                    help="accepted for compatibility with the released scripts; the device follows --gpus")
     g.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (LCR math stays fp32)")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    g.add_argument("--gpu_data", action="store_true",
+                   help="CIFAR: keep the data set on the training device and augment there (no workers)")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs")

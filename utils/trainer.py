@@ -20,7 +20,8 @@ from modules import set_ede_schedule
 from modules.lcr import LipschitzRegularizer
 from modules.lcr_official import OfficialLCR
 from utils import checkpoint as ckpt
-from utils.data import DataError, build_datasets
+from utils.data import DataError, build_datasets, dataset_info
+from utils.device_data import DeviceLoader
 from utils.distributed import DeviceError, cleanup, setup_runtime
 from utils.engine import NonFiniteLossError, empirical_lipschitz, evaluate, train_one_epoch
 from utils.logger import TensorBoard, get_logger, save_args, write_summary
@@ -70,18 +71,31 @@ def seed_all(seed):
 
 
 def build_loaders(train_set, val_set, args, runtime):
-    """Training and validation loaders; DDP shards both, the validation shards without padding."""
+    """Training and validation loaders; DDP shards both, the validation shards without padding.
+
+    Returns ``(train, val, generator)``; the training loop reseeds ``generator`` every epoch.
+    """
     per_rank = max(args.batch_size // runtime.world_size, 1)
     per_rank_test = max(args.batch_size_test // runtime.world_size, 1)
     pin = runtime.device.type == "cuda"
     generator = torch.Generator()
+    # a last batch of one sample would break BatchNorm1d's batch statistics
+    drop_last = len(train_set) // runtime.world_size % per_rank == 1
+    if args.gpu_data:
+        if not hasattr(train_set, "images") or args.dataset not in ("cifar10", "cifar100"):
+            raise DataError(f"--gpu_data works with cifar10/cifar100, not {args.dataset}; drop --gpu_data")
+        info = dataset_info(args.dataset)
+        shard = dict(rank=runtime.rank, world_size=runtime.world_size)
+        train = DeviceLoader(train_set.images, train_set.labels, per_rank, info["mean"], info["std"],
+                             runtime.device, True, generator, drop_last=drop_last, **shard)
+        val = DeviceLoader(val_set.images, val_set.labels, per_rank_test, info["mean"], info["std"],
+                           runtime.device, False, **shard)
+        return train, val, generator
     if runtime.distributed:
         train_sampler = DistributedSampler(train_set, runtime.world_size, runtime.rank, shuffle=True,
                                            seed=args.seed)
     else:
         train_sampler = None
-    # a last batch of one sample would break BatchNorm1d's batch statistics
-    drop_last = len(train_set) // runtime.world_size % per_rank == 1
     train = DataLoader(train_set, per_rank, shuffle=train_sampler is None, sampler=train_sampler,
                        num_workers=args.workers, pin_memory=pin, drop_last=drop_last, generator=generator)
     val = DataLoader(val_set, per_rank_test, shuffle=False, num_workers=args.workers, pin_memory=pin,
@@ -244,7 +258,7 @@ def run(args):
         epoch_start = time.time()
         seed_all(epoch_seed(args.seed, epoch))
         generator.manual_seed(epoch_seed(args.seed, epoch))
-        if runtime.distributed:
+        if runtime.distributed and not args.gpu_data:
             train_loader.sampler.set_epoch(epoch)
         t, _ = set_ede_schedule(model, epoch, args.epochs, args.Tmin, args.Tmax)
         lr = optimizer.param_groups[0]["lr"]
