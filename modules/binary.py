@@ -83,8 +83,8 @@ class BinarizeConv2d(nn.Conv2d):
         x_bin = binary_sign(x, self.t, self.k)
         if self.recorder is not None:
             x_bin = self.recorder(self, x, x_bin)
-        return F.conv2d(x_bin, self.binary_weight(), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        # nn.Conv2d's own path, so padding_mode ('zeros', 'reflect', ...) applies to the signs
+        return self._conv_forward(x_bin, self.binary_weight(), self.bias)
 
 
 def ede_parameters(epoch, epochs, t_min=1e-3, t_max=10.0):

@@ -58,6 +58,14 @@ class LCRTap(nn.Identity):
         return x
 
 
+def fp32_math():
+    """A context in which autocast is off on every device, so the LCR math runs in fp32."""
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
+
+
 def _pool_to(x, size):
     """Average-pool ``x`` (B x C x H x W) to ``size`` (H2, W2); ``x`` must not be smaller."""
     if tuple(x.shape[-2:]) == tuple(size):
@@ -106,11 +114,12 @@ def spectral_norm(rm, iters=5):
     Returns B values ``sigma = u^T RM v`` with ``u``, ``v`` detached, so the gradient with respect
     to ``RM`` is exactly ``u v^T`` (the gradient of the true norm when it has converged).
     """
-    rm32 = rm.float()
-    u, v = power_iteration(lambda v: torch.bmm(rm32, v.unsqueeze(2)).squeeze(2),
-                           lambda u: torch.bmm(u.unsqueeze(1), rm32).squeeze(1),
-                           (rm.shape[0], rm.shape[1]), iters, rm.device)
-    return torch.einsum("bi,bij,bj->b", u, rm32, v)
+    with fp32_math():
+        rm32 = rm.float()
+        u, v = power_iteration(lambda v: torch.bmm(rm32, v.unsqueeze(2)).squeeze(2),
+                               lambda u: torch.bmm(u.unsqueeze(1), rm32).squeeze(1),
+                               (rm.shape[0], rm.shape[1]), iters, rm.device)
+        return torch.einsum("bi,bij,bj->b", u, rm32, v)
 
 
 def pair_sigma(x, y, iters=5):
@@ -121,16 +130,17 @@ def pair_sigma(x, y, iters=5):
     ``2 N (C1 + C2)`` per iteration, so the cheaper of the two is used for the power iteration.
     ``sigma = (X^T u) . (Y^T v) / N`` is then evaluated on the factors (rank-one gradient).
     """
-    xf, yf, n = _factors(x, y)
-    with torch.no_grad():
-        if _explicit(xf.shape[1], yf.shape[1], iters):
-            rm = torch.bmm(xf, yf.transpose(1, 2)) / n
-            u, v = power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
-                                   lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
-                                   rm.shape[:2], iters, rm.device)
-        else:
-            u, v = _factor_power_iteration(xf, yf, n, iters)
-    return _rank_one_sigma(xf, yf, n, u, v)
+    with fp32_math():
+        xf, yf, n = _factors(x, y)
+        with torch.no_grad():
+            if _explicit(xf.shape[1], yf.shape[1], iters):
+                rm = torch.bmm(xf, yf.transpose(1, 2)) / n
+                u, v = power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
+                                       lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
+                                       rm.shape[:2], iters, rm.device)
+            else:
+                u, v = _factor_power_iteration(xf, yf, n, iters)
+        return _rank_one_sigma(xf, yf, n, u, v)
 
 
 def _explicit(c1, c2, iters):
@@ -200,7 +210,7 @@ def chain_sigmas(signs, reals, iters=5):
     ``signs`` and ``reals`` are the chain ``A^0 .. A^K`` (binary and real). Equal, pair by pair, to
     :func:`pair_sigma` (which is the plain, differentiable reference).
     """
-    with torch.no_grad():
+    with torch.no_grad(), fp32_math():
         factors_b, uv_b, sig_f = _pair_power_iterations(signs, reals, iters)
         sig_b = [_rank_one_sigma(*factors_b[k], *uv_b[k]) for k in range(len(uv_b))]
     return torch.stack(sig_b), torch.stack(sig_f)
@@ -350,7 +360,7 @@ class LipschitzRegularizer:
         total = sum(len(chain[0][0]) for chain in self._records.values())
         out_device = next(iter(self._records))
         ratios, slots, anchors = [], [], []
-        with torch.no_grad(), torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        with torch.no_grad(), fp32_math():
             for chain in self._records.values():
                 if len(chain) < 2:
                     raise RuntimeError("the LCR chain needs at least two recorded activations")

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from modules.lcr import retention_matrix
+from modules.lcr import fp32_math, retention_matrix
 
 OFFICIAL_DIVISOR = 10000.0  # the released script divides the loss by batch_size * 10000
 
@@ -135,7 +135,7 @@ class OfficialLCR:
         devices = sorted(self._records, key=lambda d: (d.type, d.index or 0))
         out = devices[0]
         n = len(self.stages)
-        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+        with fp32_math():
             feats_b = [torch.cat([F.hardtanh(self._records[d][i].float()).to(out) for d in devices])
                        * self.gamma[i].to(out) for i in range(n)]
             x = torch.cat([self._records[d]["input"].to(out) for d in devices])
