@@ -21,7 +21,6 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 __all__ = ["SignEDE", "binary_sign", "BinarizeConv2d", "ede_parameters", "set_ede_schedule"]
 

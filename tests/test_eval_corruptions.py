@@ -1,8 +1,6 @@
 """tools/eval_corruptions.py on tiny CIFAR-10-C and ImageNet-C folders, against independent references."""
 import csv
-import importlib.util
 import json
-import os
 import runpy
 import sys
 
@@ -15,11 +13,7 @@ from torchvision import transforms
 import models
 from utils.data import dataset_info
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_TOOL = os.path.join(_ROOT, "tools", "eval_corruptions.py")
-_spec = importlib.util.spec_from_file_location("eval_corruptions", _TOOL)
-ec = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ec)
+import tools.eval_corruptions as ec
 
 PER_SEVERITY = 4  # images per severity in the tiny CIFAR-10-C files
 CORRUPTIONS = ("fog", "gaussian_noise")
@@ -266,10 +260,10 @@ def test_bad_inputs_one_error_line_exit_1(cifar_c, imagenet_c, tmp_path, capsys)
 
 
 def test_script_entry_point_exits_1(tmp_path, monkeypatch, capsys):
-    """``python tools/eval_corruptions.py ...`` with bad input: exit status 1, one error line."""
-    monkeypatch.setattr(sys, "argv", [_TOOL, "--dataset", "cifar10", "--data_path", str(tmp_path / "none"),
+    """``python -m tools.eval_corruptions ...`` with bad input: exit status 1, one error line."""
+    monkeypatch.setattr(sys, "argv", ["eval_corruptions", "--dataset", "cifar10", "--data_path", str(tmp_path / "none"),
                                       "--checkpoint", str(tmp_path / "none.pth")])
     with pytest.raises(SystemExit) as info:
-        runpy.run_path(_TOOL, run_name="__main__")
+        runpy.run_module("tools.eval_corruptions", run_name="__main__", alter_sys=True)
     err = capsys.readouterr().err
     assert info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1

@@ -9,25 +9,21 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; o
 the live bytes that ops allocate during one step, from ``torch.profiler``'s memory records
 (op granularity: a peak inside a single op is not seen).
 
-    python tools/bench.py --models resnet20_1w1a --batch_sizes 128 --device cpu
-    python tools/bench.py --models resnet18_1w1a_IR --batch_sizes 128 --device cuda --amp --channels_last
+    python -m tools.bench --models resnet20_1w1a --batch_sizes 128 --device cpu
+    python -m tools.bench --models resnet18_1w1a_IR --batch_sizes 128 --device cuda --amp --channels_last
 """
 import argparse
-import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from modules import set_ede_schedule  # noqa: E402
-from modules.lcr import LipschitzRegularizer  # noqa: E402
-from modules.lcr_official import OfficialLCR  # noqa: E402
-from utils.engine import train_step  # noqa: E402
+import models
+from modules import set_ede_schedule
+from modules.lcr import LipschitzRegularizer
+from modules.lcr_official import OfficialLCR
+from utils.engine import train_step
 
 FP_TWIN = {"resnet18_1w1a_IR": "resnet18_fp", "resnet34_1w1a_IR": "resnet34_fp",
            "resnet18_1w1a": "resnet18_cifar_fp"}

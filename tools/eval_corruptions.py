@@ -1,7 +1,7 @@
 """Accuracy and corruption error of a trained network on CIFAR-10-C, CIFAR-100-C or ImageNet-C.
 
-    python tools/eval_corruptions.py --dataset cifar10 --data_path CIFAR-10-C --checkpoint model_best.pth.tar
-    python tools/eval_corruptions.py --dataset imagenet --data_path ImageNet-C --checkpoint best.pth.tar \\
+    python -m tools.eval_corruptions --dataset cifar10 --data_path CIFAR-10-C --checkpoint model_best.pth.tar
+    python -m tools.eval_corruptions --dataset imagenet --data_path ImageNet-C --checkpoint best.pth.tar \\
         --baseline alexnet_imagenet_c.json --clean_error 60.2
 
 Layouts (Hendrycks & Dietterich, ICLR 2019):
@@ -53,12 +53,10 @@ from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from utils.checkpoint import CheckpointError, is_training_checkpoint, load_file, load_model_weights  # noqa: E402
-from utils.data import IMAGENET_RESIZE_PX, DataError, dataset_info  # noqa: E402
-from utils.distributed import DeviceError, parse_gpus  # noqa: E402
+import models
+from utils.checkpoint import CheckpointError, is_training_checkpoint, load_file, load_model_weights
+from utils.data import IMAGENET_RESIZE_PX, DataError, dataset_info
+from utils.distributed import DeviceError, parse_gpus
 
 FORMAT_VERSION = 1
 DATASETS = ("cifar10", "cifar100", "imagenet")

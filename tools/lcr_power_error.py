@@ -19,20 +19,16 @@ Cases (random init, random normal input):
 
 Usage::
 
-    python tools/lcr_power_error.py                   # iters 5
-    python tools/lcr_power_error.py --iters 1 5 20 100 --seed 1
+    python -m tools.lcr_power_error                   # iters 5
+    python -m tools.lcr_power_error --iters 1 5 20 100 --seed 1
 """
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from models import create_model  # noqa: E402
-from modules.binary import BinarizeConv2d, set_ede_schedule  # noqa: E402
-from modules.lcr import LCRTap, pair_sigma, retention_matrix  # noqa: E402
+from models import create_model
+from modules.binary import BinarizeConv2d, set_ede_schedule
+from modules.lcr import LCRTap, pair_sigma, retention_matrix
 
 # name: (model, image size in pixels, batch size, set the epoch-0 EDE schedule)
 CASES = {

@@ -4,20 +4,16 @@ For each model, a freshly initialised network (EDE schedule of epoch 0) sees one
 standard-normal images with random labels; the script prints CE, the unweighted ``L_LCR``, and
 ``alpha * c * L_LCR / (CE + alpha * c * L_LCR)`` for the chosen alpha and ``c = LCR_SCALE``.
 
-    python tools/lcr_share.py --alpha 8
+    python -m tools.lcr_share --alpha 8
 """
 import argparse
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import models  # noqa: E402
-from modules import set_ede_schedule  # noqa: E402
-from modules.lcr import LCR_SCALE, LipschitzRegularizer  # noqa: E402
+import models
+from modules import set_ede_schedule
+from modules.lcr import LCR_SCALE, LipschitzRegularizer
 
 CASES = {  # name: (classes, batch, image side in pixels)
     "resnet20_1w1a": (10, 128, 32),
