@@ -130,13 +130,15 @@ class PackedBinaryConv2d(nn.Module):
     make the second form the eval batch norm of the first in real arithmetic (``2**e * bn_scale`` is
     formed exactly); in float32 it matches conv-then-BN up to a rounding or two.
 
-    The default path unpacks the bits to +-1 and runs ``F.conv2d`` on ``sign(x)`` (``sign(0) = +1``);
+    ``padding_mode`` other than ``"zeros"`` pads the input as ``nn.Conv2d`` does (those positions are
+    real inputs, not masked). The default path unpacks the bits to +-1 and runs ``F.conv2d`` on
+    ``sign(x)`` (``sign(0) = +1``);
     ``reference = True`` computes ``dot`` with :func:`xnor_popcount_conv2d` instead. Both give the
     same ``dot`` exactly. All state is in uint8/int8/float32 buffers (in ``state_dict``).
     """
 
     def __init__(self, bits, shape, exponent, stride=1, padding=0, dilation=1, groups=1, bias=None,
-                 bn_scale=None, bn_shift=None):
+                 bn_scale=None, bn_shift=None, padding_mode="zeros"):
         super().__init__()
         if (bn_scale is None) != (bn_shift is None):
             raise ValueError("bn_scale and bn_shift come together")
@@ -145,6 +147,8 @@ class PackedBinaryConv2d(nn.Module):
         self.shape = tuple(int(d) for d in shape)
         self.stride, self.padding, self.dilation = _pair(stride), _pair(padding), _pair(dilation)
         self.groups = int(groups)
+        self.padding_mode = padding_mode
+        self.folded_bn = bn_scale is not None
         self.reference = False
         self.register_buffer("bits", bits.to(torch.uint8))
         self.register_buffer("exponent", exponent.to(torch.int8))
@@ -156,16 +160,24 @@ class PackedBinaryConv2d(nn.Module):
     def extra_repr(self):
         return (f"{self.shape[1] * self.groups}, {self.shape[0]}, kernel_size={self.shape[2:]}, "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
-                f"groups={self.groups}, folded_bn={self.shift is not None}, reference={self.reference}")
+                f"groups={self.groups}, padding_mode={self.padding_mode}, folded_bn={self.folded_bn}, "
+                f"reference={self.reference}")
 
     def integer_dot(self, x):
         """``conv2d(sign(x), sign(w))`` as a float tensor of exact integers."""
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            # As nn.Conv2d does: copies of real values have the signs of those values, so padding x
+            # first equals padding sign(x), and the padded positions are real +-1 inputs.
+            ph, pw = self.padding
+            x = F.pad(x, (pw, pw, ph, ph), mode=self.padding_mode)
+            padding = (0, 0)
         if self.reference:
-            return xnor_popcount_conv2d(x, self.bits, self.shape, self.stride, self.padding,
-                                        self.dilation, self.groups).to(x.dtype)
+            return xnor_popcount_conv2d(x, self.bits, self.shape, self.stride, padding, self.dilation,
+                                        self.groups).to(x.dtype)
         x_sign = torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
         weight = unpack_signs(self.bits, self.shape, x.dtype)
-        return F.conv2d(x_sign, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(x_sign, weight, None, self.stride, padding, self.dilation, self.groups)
 
     def forward(self, x):
         y = self.integer_dot(x) * self.multiplier.to(x.dtype).view(1, -1, 1, 1)
