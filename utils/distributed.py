@@ -86,6 +86,19 @@ def all_reduce_sum(values, runtime):
     return t.tolist()
 
 
+def sync_gradients_of(params, runtime):
+    """Average the gradients of parameters that DDP does not own (e.g. the official LCR's gamma)."""
+    if not runtime.distributed:
+        return
+
+    def average(grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad / runtime.world_size
+    for p in params:
+        p.register_hook(average)
+
+
 def cleanup(runtime):
     """Tear down the process group, if any."""
     if runtime.distributed and dist.is_initialized():

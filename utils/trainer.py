@@ -22,11 +22,13 @@ from modules.lcr_official import OfficialLCR
 from utils import checkpoint as ckpt
 from utils.data import DataError, build_datasets, dataset_info
 from utils.device_data import DeviceLoader
-from utils.distributed import DeviceError, cleanup, setup_runtime
+from utils.distributed import DeviceError, cleanup, setup_runtime, sync_gradients_of
 from utils.engine import NonFiniteLossError, empirical_lipschitz, evaluate, train_one_epoch
 from utils.logger import TensorBoard, get_logger, save_args, write_summary
 
 WARMUP_EPOCHS = 5
+# flags that define the lr and EDE schedules: a resumed run must keep them
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_type", "lr_decay_step", "warm_up", "Tmin", "Tmax")
 USER_ERRORS = (DataError, ckpt.CheckpointError, DeviceError, NonFiniteLossError)
 
 
@@ -216,7 +218,9 @@ def run(args):
         regularizer = build_regularizer(args, model, num_classes, runtime.device, logger)
     except ValueError as exc:
         raise ckpt.CheckpointError(f"--lcr_variant {args.lcr_variant} does not fit --model {args.model}: {exc}") from None
-    params = list(model.parameters()) + (regularizer.parameters() if regularizer else [])
+    reg_params = regularizer.parameters() if regularizer else []
+    sync_gradients_of(reg_params, runtime)
+    params = list(model.parameters()) + reg_params
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, LRFactor(args.epochs, args.lr_type, args.lr_decay_step, args.warm_up))
@@ -228,6 +232,11 @@ def run(args):
         ckpt.load_model_weights(model, state, resume_path, args.model, num_classes)
         if not ckpt.is_training_checkpoint(state):
             raise ckpt.CheckpointError(f"{resume_path} is a bare state dict; --resume needs a training checkpoint")
+        changed = [f"--{k} {state['args'].get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
+                   if state["args"].get(k) != getattr(args, k)]
+        if changed:
+            raise ckpt.CheckpointError(f"{resume_path} was trained with other schedule flags "
+                                       f"({', '.join(changed)}); resume with the flags it was started with")
         try:
             optimizer.load_state_dict(state["optimizer"])
             if regularizer and state["extra"]:
