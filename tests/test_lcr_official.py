@@ -62,6 +62,14 @@ def _pair(binary="resnet18_1w1a", fp="resnet18_cifar_fp"):
     return model, fp_model
 
 
+def _capture_stages(model):
+    """Forward hooks that store each stage's output in a dict; returns (dict, hooks)."""
+    outputs = {}
+    hooks = [s.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o))
+             for i, s in enumerate(stage_modules(model))]
+    return outputs, hooks
+
+
 def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     model, fp_model = _pair()
     fp_model.train()
@@ -69,9 +77,7 @@ def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     with torch.no_grad():
         reg.gamma.copy_(torch.tensor([0.5, 1.5, 2.0, 0.25]))
     x = torch.randn(4, 3, 32, 32)
-    stage_out = {}
-    hooks = [s.register_forward_hook(lambda m, a, o, i=i: stage_out.__setitem__(i, o))
-             for i, s in enumerate(stage_modules(model))]
+    stage_out, hooks = _capture_stages(model)
     with reg.record():
         model(x)
     for h in hooks:
@@ -80,9 +86,7 @@ def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     loss = reg.loss()
 
     fp_model.eval()
-    fp_feats = {}
-    hooks = [s.register_forward_hook(lambda m, a, o, i=i: fp_feats.__setitem__(i, o))
-             for i, s in enumerate(stage_modules(fp_model))]
+    fp_feats, hooks = _capture_stages(fp_model)
     with torch.no_grad():
         fp_model(x)
     for h in hooks:
