@@ -8,7 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.options import CIFAR_DEFAULTS, parse_args  # noqa: E402
-from utils.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(parse_args(CIFAR_DEFAULTS, "LCR-BNN training on CIFAR-10/100"))
+    args = parse_args(CIFAR_DEFAULTS, "LCR-BNN training on CIFAR-10/100")
+    from utils.trainer import main  # after parsing: flag errors need no torchvision import
+    main(args)

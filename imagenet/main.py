@@ -8,7 +8,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.options import IMAGENET_DEFAULTS, parse_args  # noqa: E402
-from utils.trainer import main  # noqa: E402
 
 if __name__ == "__main__":
-    main(parse_args(IMAGENET_DEFAULTS, "LCR-BNN training on ImageNet"))
+    args = parse_args(IMAGENET_DEFAULTS, "LCR-BNN training on ImageNet")
+    from utils.trainer import main  # after parsing: flag errors need no torchvision import
+    main(args)

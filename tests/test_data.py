@@ -1,19 +1,18 @@
 """Tests for utils/data.py: on-disk formats written in tmp_path, never downloaded.
 
-CIFAR pickles and ImageNet JPEG folders are written here in the real formats,
-so the readers are exercised end to end; network access is blocked wherever a
-download is attempted.
+CIFAR pickles and ImageNet JPEG folders are written in the real formats (by the
+writers in conftest.py), so the readers are exercised end to end; network access
+is blocked wherever a download is attempted.
 """
 
-import pickle
 import socket
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
+from conftest import dump_pickle, write_cifar10, write_cifar100, write_image_folder
 from utils.data import DATASETS, DataError, build_datasets, dataset_info
 
 CIFAR_SIDE_PX = 32
@@ -22,90 +21,6 @@ CIFAR_PAD_PX = 4
 DIGITS_PAD_PX = 2
 DIGITS_TOTAL_IMAGES = 1797
 DIGITS_TEST_FRACTION = 0.25
-
-
-# --- writers for the real on-disk formats ----------------------------------
-
-
-def _dump(path, obj):
-    # Protocol 2 is what the official (Python 2) CIFAR pickles use.
-    with open(path, "wb") as handle:
-        pickle.dump(obj, handle, protocol=2)
-
-
-def _key(name, bytes_keys):
-    return name.encode("latin1") if bytes_keys else name
-
-
-def _cifar_batch(rng, n_images, label_key, num_classes, bytes_keys, batch_label):
-    data = rng.integers(0, 256, size=(n_images, 3 * CIFAR_PLANE_BYTES), dtype=np.uint8)
-    labels = [int(v) for v in rng.integers(0, num_classes, size=n_images)]
-    filenames = [f"image_{i}.png".encode() for i in range(n_images)]
-    entry = {
-        _key("batch_label", bytes_keys): batch_label.encode(),
-        _key(label_key, bytes_keys): labels,
-        _key("data", bytes_keys): data,
-        _key("filenames", bytes_keys): filenames,
-    }
-    return entry, data, labels
-
-
-def write_cifar10(root, n_per_batch=3, n_test=5, bytes_keys=True):
-    """Write cifar-10-batches-py/ under root; return (train data, train labels, test data, test labels)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(10)
-    train_data, train_labels = [], []
-    for i in range(1, 6):
-        entry, data, labels = _cifar_batch(rng, n_per_batch, "labels", 10, bytes_keys,
-                                           f"training batch {i} of 5")
-        _dump(folder / f"data_batch_{i}", entry)
-        train_data.append(data)
-        train_labels += labels
-    entry, test_data, test_labels = _cifar_batch(rng, n_test, "labels", 10, bytes_keys, "testing batch 1 of 1")
-    _dump(folder / "test_batch", entry)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-    _dump(folder / "batches.meta", {
-        _key("label_names", bytes_keys): [_key(n, bytes_keys) for n in names],
-        _key("num_cases_per_batch", bytes_keys): n_per_batch,
-        _key("num_vis", bytes_keys): 3 * CIFAR_PLANE_BYTES,
-    })
-    return np.concatenate(train_data), train_labels, test_data, test_labels
-
-
-def write_cifar100(root, n_train=7, n_test=4, bytes_keys=False):
-    """Write cifar-100-python/ under root; return (train labels, test labels)."""
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(100)
-    result = []
-    for split, n_images in (("train", n_train), ("test", n_test)):
-        entry, _, labels = _cifar_batch(rng, n_images, "fine_labels", 100, bytes_keys, split)
-        entry[_key("coarse_labels", bytes_keys)] = [label // 5 for label in labels]
-        if split == "train":
-            # Make sure the extreme fine labels round-trip.
-            labels[0], labels[-1] = 0, 99
-            entry[_key("fine_labels", bytes_keys)] = labels
-        _dump(folder / split, entry)
-        result.append(labels)
-    _dump(folder / "meta", {
-        _key("fine_label_names", bytes_keys): [f"fine_{i}" for i in range(100)],
-        _key("coarse_label_names", bytes_keys): [f"coarse_{i}" for i in range(20)],
-    })
-    return tuple(result)
-
-
-def write_image_folder(root, classes_per_split, images_per_class=3, size_wh=(40, 50)):
-    """Write root/<split>/<class>/img_<i>.JPEG with real JPEG files."""
-    rng = np.random.default_rng(0)
-    for split, classes in classes_per_split.items():
-        (root / split).mkdir(parents=True, exist_ok=True)
-        for class_name in classes:
-            class_dir = root / split / class_name
-            class_dir.mkdir()
-            for i in range(images_per_class):
-                pixels = rng.integers(0, 256, size=(size_wh[1], size_wh[0], 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(class_dir / f"img_{i}.JPEG", format="JPEG")
 
 
 def _unnormalise(image, name):
@@ -274,7 +189,7 @@ def test_cifar_truncated_pickle_is_corrupt(tmp_path):
 
 def test_cifar_wrong_array_shape_is_corrupt(tmp_path):
     write_cifar10(tmp_path)
-    _dump(tmp_path / "cifar-10-batches-py" / "data_batch_1",
+    dump_pickle(tmp_path / "cifar-10-batches-py" / "data_batch_1",
           {b"data": np.zeros((3, 100), dtype=np.uint8), b"labels": [0, 1, 2]})
     with pytest.raises(DataError, match="corrupt.*uint8"):
         build_datasets("cifar10", tmp_path)

@@ -32,8 +32,7 @@ class CheckpointError(Exception):
 
 def save_atomic(obj, path):
     """``torch.save(obj, path)`` via a temporary file and an atomic rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = _temporary_name(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -43,6 +42,17 @@ def save_atomic(obj, path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _temporary_name(path, pid):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{pid}")
+
+
+def remove_stale_temporaries(folder):
+    """Delete temporary files that a killed :func:`save_atomic` left in ``folder``."""
+    for name in os.listdir(folder):
+        if name.startswith(".") and ".pth.tar.tmp" in name:
+            os.remove(os.path.join(folder, name))
 
 
 def load_file(path, map_location="cpu"):

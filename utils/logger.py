@@ -38,15 +38,18 @@ def accuracy_counts(logits, target, topk=(1, 5)):
 
 
 def get_logger(save_path, is_main):
-    """Logger printing to stdout and appending to ``<save_path>/log.txt`` (rank 0); silent elsewhere."""
+    """Logger printing to stdout and appending to ``<save_path>/log.txt`` (rank 0; no file when
+    ``save_path`` is None); warnings only elsewhere."""
     logger = logging.getLogger(f"lcr.{save_path}")
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     if is_main:
         fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-        for handler in (logging.StreamHandler(sys.stdout),
-                        logging.FileHandler(os.path.join(save_path, "log.txt"))):
+        handlers = [logging.StreamHandler(sys.stdout)]
+        if save_path is not None:
+            handlers.append(logging.FileHandler(os.path.join(save_path, "log.txt")))
+        for handler in handlers:
             handler.setFormatter(fmt)
             logger.addHandler(handler)
     return logger

@@ -27,8 +27,10 @@ from utils.engine import NonFiniteLossError, empirical_lipschitz, evaluate, trai
 from utils.logger import TensorBoard, get_logger, save_args, write_summary
 
 WARMUP_EPOCHS = 5
-# flags that define the lr and EDE schedules: a resumed run must keep them
-SCHEDULE_FLAGS = ("epochs", "lr", "lr_type", "lr_decay_step", "warm_up", "Tmin", "Tmax")
+# flags that define the lr and EDE schedules and the optimizer: a resumed run must keep them (the
+# restored scheduler and optimizer states would silently override new values)
+SCHEDULE_FLAGS = ("epochs", "lr", "lr_type", "lr_decay_step", "warm_up", "Tmin", "Tmax", "momentum",
+                  "weight_decay")
 USER_ERRORS = (DataError, ckpt.CheckpointError, DeviceError, NonFiniteLossError)
 
 
@@ -195,15 +197,28 @@ def evaluate_checkpoint(args, runtime, logger):
 def run(args):
     """Train (or, with ``-e``, evaluate) as ``args`` say; returns the last metrics dict."""
     runtime = setup_runtime(args.gpus)
+    if args.evaluate:
+        logger = get_logger(None, runtime.is_main)
+        if runtime.notice:
+            logger.info(runtime.notice)
+        return evaluate_checkpoint(args, runtime, logger)
     save_path = os.path.join(args.results_dir, args.model + args.save)
+    resume_path = resolve_resume(args, save_path)
     if runtime.is_main:
         os.makedirs(save_path, exist_ok=True)
+        ckpt.remove_stale_temporaries(save_path)
     logger = get_logger(save_path, runtime.is_main)
+    try:
+        return _train(args, runtime, save_path, resume_path, logger)
+    except USER_ERRORS as exc:
+        logger.error(f"error: {exc}")
+        raise
+
+
+def _train(args, runtime, save_path, resume_path, logger):
+    """The training part of :func:`run`, with the run folder and logger in place."""
     if runtime.notice:
         logger.info(runtime.notice)
-    if args.evaluate:
-        return evaluate_checkpoint(args, runtime, logger)
-    resume_path = resolve_resume(args, save_path)
     if runtime.is_main:
         save_args(args, save_path)
     logger.info("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
@@ -235,7 +250,7 @@ def run(args):
         changed = [f"--{k} {state['args'].get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
                    if state["args"].get(k) != getattr(args, k)]
         if changed:
-            raise ckpt.CheckpointError(f"{resume_path} was trained with other schedule flags "
+            raise ckpt.CheckpointError(f"{resume_path} was trained with other schedule/optimizer flags "
                                        f"({', '.join(changed)}); resume with the flags it was started with")
         try:
             optimizer.load_state_dict(state["optimizer"])
@@ -297,9 +312,10 @@ def run(args):
                 "best_top1": best["top1"], "best_top5": best["top5"], "history": history,
                 "args": vars(args), "rng": ckpt.rng_state(),
             }
-            ckpt.save_atomic(state, os.path.join(save_path, "checkpoint.pth.tar"))
+            # best first: a kill between the two writes must not leave a best_top1 without its weights
             if is_best:
                 ckpt.save_atomic(state, os.path.join(save_path, "model_best.pth.tar"))
+            ckpt.save_atomic(state, os.path.join(save_path, "checkpoint.pth.tar"))
             write_summary(history, summary_path)
             board.scalars({k: v for k, v in row.items() if k != "epoch" and not k.startswith("sigma_ratio_")}, epoch)
             board.scalars({f"layer{i}": r for i, r in enumerate(ratios)}, epoch, prefix="sigma_ratio/")
