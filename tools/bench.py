@@ -26,7 +26,7 @@ from modules.lcr_official import OfficialLCR
 from utils.engine import train_step
 
 FP_TWIN = {"resnet18_1w1a_IR": "resnet18_fp", "resnet34_1w1a_IR": "resnet34_fp",
-           "resnet18_1w1a": "resnet18_cifar_fp"}
+           "resnet18_1w1a": "resnet18_cifar_fp", "resnet20_1w1a": "resnet20_fp"}
 
 
 def image_side(name):
@@ -149,7 +149,7 @@ def get_parser():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda (default: cuda when present)")
     p.add_argument("--forms", nargs="+", default=["paper", "official"], choices=["paper", "official"],
-                   help="LCR forms to compare with alpha 0 (default both; official needs a ResNet with 4 stages)")
+                   help="LCR forms to compare with alpha 0 (default both; official needs a ResNet with stages)")
     p.add_argument("--alpha", type=float, default=8.0, help="alpha of the LCR runs (default 8)")
     p.add_argument("--lcr_iters", type=int, default=5, help="power iterations (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
