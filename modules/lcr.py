@@ -230,15 +230,30 @@ class _DeferredGrad:
         self.terms = []          # (coef B, vec_c B x C, vec_n B x N, spatial size of the term)
         self.scale = None        # d total / d L_LCR, set by the loss node's backward
 
-    def materialize(self, like):
-        grad = None
+    def add_to(self, grad):
+        """``grad`` plus this activation's LCR gradient, each outer product fused into one kernel."""
+        b, c = grad.shape[:2]
+        out = None
         for coef, vec_c, vec_n, size in self.terms:
-            g = ((coef * self.scale)[:, None, None] * vec_c[:, :, None] * vec_n[:, None, :])
-            g = g.view(g.shape[0], g.shape[1], *size)
-            if tuple(size) != tuple(like.shape[-2:]):
-                g = torch.ops.aten._adaptive_avg_pool2d_backward(g, like.float())
-            grad = g if grad is None else grad + g
-        return grad
+            left = ((coef * self.scale)[:, None] * vec_c).unsqueeze(2)     # B x C x 1
+            right = vec_n.unsqueeze(1)                                      # B x 1 x N
+            if tuple(size) == tuple(grad.shape[-2:]):
+                base = grad.reshape(b, c, -1).float() if out is None else out
+                out = torch.baddbmm(base, left, right) if out is None else out.baddbmm_(left, right)
+            else:  # X was average-pooled: spread each pooled gradient evenly over its window
+                small = torch.bmm(left, right).view(b, c, *size)
+                full = _unpool(small, grad.shape[-2:]).reshape(b, c, -1)
+                out = grad.reshape(b, c, -1).float() + full if out is None else out.add_(full)
+        return out.view(grad.shape).to(grad.dtype)
+
+
+def _unpool(grad, size):
+    """Gradient of ``adaptive_avg_pool2d`` to ``grad``'s spatial size, from input size ``size``."""
+    h, w = size
+    fh, fw = h // grad.shape[-2], w // grad.shape[-1]
+    if fh * grad.shape[-2] == h and fw * grad.shape[-1] == w:
+        return grad.repeat_interleave(fh, dim=2).repeat_interleave(fw, dim=3) / (fh * fw)
+    return torch.ops.aten._adaptive_avg_pool2d_backward(grad, grad.new_empty(*grad.shape[:2], h, w))
 
 
 class _InjectLCRGrad(torch.autograd.Function):
@@ -247,7 +262,6 @@ class _InjectLCRGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, slot):
         ctx.slot = slot
-        ctx.save_for_backward(x)
         return x.view_as(x)
 
     @staticmethod
@@ -255,8 +269,7 @@ class _InjectLCRGrad(torch.autograd.Function):
         slot = ctx.slot
         if slot.scale is None or not slot.terms:
             return grad, None
-        (x,) = ctx.saved_tensors
-        return grad + slot.materialize(x).to(grad.dtype), None
+        return slot.add_to(grad), None
 
 
 class _LCRLossNode(torch.autograd.Function):
