@@ -264,6 +264,8 @@ def test_script_entry_point_exits_1(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["eval_corruptions", "--dataset", "cifar10", "--data_path", str(tmp_path / "none"),
                                       "--checkpoint", str(tmp_path / "none.pth")])
     with pytest.raises(SystemExit) as info:
+        # as `python -m` does: a fresh module executed as __main__, not the imported one
+        monkeypatch.delitem(sys.modules, "tools.eval_corruptions")
         runpy.run_module("tools.eval_corruptions", run_name="__main__", alter_sys=True)
     err = capsys.readouterr().err
     assert info.value.code == 1 and err.startswith("error: ") and err.count("\n") == 1
