@@ -7,7 +7,7 @@ Schema (``format_version`` 1)::
     num_classes     classifier width
     state_dict      the unwrapped model's state dict
     epoch           number of completed epochs (the next epoch to run, 0-based)
-    optimizer, scheduler, scaler   their state dicts (scaler None without AMP)
+    optimizer, scheduler, scaler   their state dicts (scaler is None: --amp is bfloat16, which needs no loss scaling)
     extra           state of the regulariser (e.g. the official form's gamma), may be empty
     best_top1, best_top5           best validation accuracies so far, %
     history         one dict of metrics per completed epoch (summary.csv is rebuilt from it)

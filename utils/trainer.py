@@ -194,6 +194,41 @@ def evaluate_checkpoint(args, runtime, logger):
     return result
 
 
+def resume(path, args, model, num_classes, optimizer, scheduler, regularizer):
+    """Restore a training checkpoint into the run's objects; returns (next epoch, best, history)."""
+    state = ckpt.load_file(path)
+    ckpt.load_model_weights(model, state, path, args.model, num_classes)
+    if not ckpt.is_training_checkpoint(state):
+        raise ckpt.CheckpointError(f"{path} is a bare state dict; --resume needs a training checkpoint")
+    changed = [f"--{k} {state['args'].get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
+               if state["args"].get(k) != getattr(args, k)]
+    if changed:
+        raise ckpt.CheckpointError(f"{path} was trained with other schedule/optimizer flags "
+                                   f"({', '.join(changed)}); resume with the flags it was started with")
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+        if regularizer and state["extra"]:
+            regularizer.load_state_dict(state["extra"])
+    except (ValueError, KeyError) as exc:
+        raise ckpt.CheckpointError(f"{path} was trained with another --alpha/--lcr_variant "
+                                   f"({exc}); resume with the flags it was started with") from None
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.set_rng_state(state["rng"])
+    return state["epoch"], {"top1": state["best_top1"], "top5": state["best_top5"]}, list(state["history"])
+
+
+def checkpoint_state(args, model, num_classes, epochs_done, optimizer, scheduler, regularizer, best, history):
+    """The checkpoint dict of ``utils/checkpoint.py``'s schema after ``epochs_done`` epochs."""
+    return {
+        "format_version": ckpt.FORMAT_VERSION, "model": args.model, "num_classes": num_classes,
+        "state_dict": model.state_dict(), "epoch": epochs_done, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "scaler": None,
+        "extra": regularizer.state_dict() if regularizer else {},
+        "best_top1": best["top1"], "best_top5": best["top5"], "history": history,
+        "args": vars(args), "rng": ckpt.rng_state(),
+    }
+
+
 def run(args):
     """Train (or, with ``-e``, evaluate) as ``args`` say; returns the last metrics dict."""
     runtime = setup_runtime(args.gpus)
@@ -243,26 +278,8 @@ def _train(args, runtime, save_path, resume_path, logger):
         scheduler.step()
     start_epoch, best, history = args.start_epoch, {"top1": 0.0, "top5": 0.0}, []
     if resume_path:
-        state = ckpt.load_file(resume_path)
-        ckpt.load_model_weights(model, state, resume_path, args.model, num_classes)
-        if not ckpt.is_training_checkpoint(state):
-            raise ckpt.CheckpointError(f"{resume_path} is a bare state dict; --resume needs a training checkpoint")
-        changed = [f"--{k} {state['args'].get(k)} -> {getattr(args, k)}" for k in SCHEDULE_FLAGS
-                   if state["args"].get(k) != getattr(args, k)]
-        if changed:
-            raise ckpt.CheckpointError(f"{resume_path} was trained with other schedule/optimizer flags "
-                                       f"({', '.join(changed)}); resume with the flags it was started with")
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            if regularizer and state["extra"]:
-                regularizer.load_state_dict(state["extra"])
-        except (ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"{resume_path} was trained with another --alpha/--lcr_variant "
-                                       f"({exc}); resume with the flags it was started with") from None
-        scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
-        start_epoch, history = state["epoch"], list(state["history"])
-        best = {"top1": state["best_top1"], "top5": state["best_top5"]}
+        start_epoch, best, history = resume(resume_path, args, model, num_classes, optimizer, scheduler,
+                                            regularizer)
         logger.info(f"resumed from {resume_path}: {start_epoch} epochs done, best top-1 {best['top1']:.2f}")
     logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.3f} M parameters, "
                 f"{len(train_set)} training and {len(val_set)} validation images, {num_classes} classes, "
@@ -304,14 +321,8 @@ def _train(args, runtime, save_path, resume_path, logger):
             row["lipschitz_emp"] = empirical_lipschitz(model, lip_images, args.lip_eps)
         history.append(row)
         if runtime.is_main:
-            state = {
-                "format_version": ckpt.FORMAT_VERSION, "model": args.model, "num_classes": num_classes,
-                "state_dict": model.state_dict(), "epoch": epoch + 1, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": None,
-                "extra": regularizer.state_dict() if regularizer else {},
-                "best_top1": best["top1"], "best_top5": best["top5"], "history": history,
-                "args": vars(args), "rng": ckpt.rng_state(),
-            }
+            state = checkpoint_state(args, model, num_classes, epoch + 1, optimizer, scheduler, regularizer,
+                                     best, history)
             # best first: a kill between the two writes must not leave a best_top1 without its weights
             if is_best:
                 ckpt.save_atomic(state, os.path.join(save_path, "model_best.pth.tar"))
