@@ -45,15 +45,30 @@ def top_eigen_estimate(rm):
     return torch.linalg.vector_norm(k.sum(dim=2), dim=1).sqrt()
 
 
-def official_loss(feats_b, feats_f):
-    """``sum_i MSE(est_B_i, est_F_i) / 2**(S-1-i)`` over consecutive pairs of S stage features."""
+def official_loss(feats_b, feats_f, gamma=None):
+    """``sum_i MSE(est_B_i, est_F_i) / 2**(S-1-i)`` over consecutive pairs of S stage features.
+
+    ``gamma`` (S scalars) scales the binary features. It is applied to the small retention
+    matrices, ``RM(g_i f_i, g_j f_j) = g_i g_j RM(f_i, f_j)`` (pooling is linear), so no scaled copy
+    of a feature map is kept for the backward pass.
+    """
     s = len(feats_b)
     total = 0.0
     for i in range(s - 1):
-        est_b = top_eigen_estimate(retention_matrix(feats_b[i], feats_b[i + 1]))
+        rm_b = retention_matrix(feats_b[i], feats_b[i + 1])
+        if gamma is not None:
+            rm_b = rm_b * (gamma[i] * gamma[i + 1])
+        est_b = top_eigen_estimate(rm_b)
         est_f = top_eigen_estimate(retention_matrix(feats_f[i], feats_f[i + 1]))
         total = total + F.mse_loss(est_b, est_f) / 2 ** (s - 1 - i)
     return total
+
+
+def _gather(tensors, device):
+    """Concatenate per-device chunks on ``device``; a single chunk is used as it is (no copy)."""
+    if len(tensors) == 1:
+        return tensors[0].to(device)
+    return torch.cat([t.to(device) for t in tensors])
 
 
 class OfficialLCR:
@@ -126,7 +141,8 @@ class OfficialLCR:
         finally:
             for h in hooks:
                 h.remove()
-        return [F.hardtanh(feats[i]).float() for i in range(len(self.fp_stages))]
+        # in place: the stage outputs are ours alone and need no gradient
+        return [F.hardtanh_(feats[i].float()) for i in range(len(self.fp_stages))]
 
     def loss(self):
         """``sum_i MSE(est_B_i, est_F_i) / 2**(S-1-i) / (batch_size * 10000)`` of the last forward pass."""
@@ -136,11 +152,10 @@ class OfficialLCR:
         out = devices[0]
         n = len(self.stages)
         with fp32_math():
-            feats_b = [torch.cat([F.hardtanh(self._records[d][i].float()).to(out) for d in devices])
-                       * self.gamma[i].to(out) for i in range(n)]
-            x = torch.cat([self._records[d]["input"].to(out) for d in devices])
+            feats_b = [_gather([F.hardtanh(self._records[d][i].float()) for d in devices], out) for i in range(n)]
+            x = _gather([self._records[d]["input"] for d in devices], out)
             feats_f = self.fp_features(x)
-            loss = official_loss(feats_b, feats_f) / (self.batch_size * OFFICIAL_DIVISOR)
+            loss = official_loss(feats_b, feats_f, self.gamma.to(out)) / (self.batch_size * OFFICIAL_DIVISOR)
         self._records = {}
         return loss
 
