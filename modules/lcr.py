@@ -108,6 +108,13 @@ def power_iteration(matvec, rmatvec, shape, iters, device):
     return u, v
 
 
+def _rm_power_iteration(rm, iters):
+    """:func:`power_iteration` on explicit matrices ``rm`` (B x C1 x C2)."""
+    return power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
+                           lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
+                           rm.shape[:2], iters, rm.device)
+
+
 def spectral_norm(rm, iters=5):
     """Largest singular value of each matrix in ``rm`` (B x C1 x C2) by ``iters`` power iterations.
 
@@ -116,9 +123,7 @@ def spectral_norm(rm, iters=5):
     """
     with fp32_math():
         rm32 = rm.float()
-        u, v = power_iteration(lambda v: torch.bmm(rm32, v.unsqueeze(2)).squeeze(2),
-                               lambda u: torch.bmm(u.unsqueeze(1), rm32).squeeze(1),
-                               (rm.shape[0], rm.shape[1]), iters, rm.device)
+        u, v = _rm_power_iteration(rm32, iters)
         return torch.einsum("bi,bij,bj->b", u, rm32, v)
 
 
@@ -135,9 +140,7 @@ def pair_sigma(x, y, iters=5):
         with torch.no_grad():
             if _explicit(xf.shape[1], yf.shape[1], iters):
                 rm = torch.bmm(xf, yf.transpose(1, 2)) / n
-                u, v = power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
-                                       lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
-                                       rm.shape[:2], iters, rm.device)
+                u, v = _rm_power_iteration(rm, iters)
             else:
                 u, v = _factor_power_iteration(xf, yf, n, iters)
         return _rank_one_sigma(xf, yf, n, u, v)
@@ -148,10 +151,14 @@ def _explicit(c1, c2, iters):
     return c1 * c2 <= 2 * iters * (c1 + c2)
 
 
+def _projections(xf, yf, u, v):
+    """``(X^T u, Y^T v)``: B x N each."""
+    return torch.bmm(u.unsqueeze(1), xf).squeeze(1), torch.bmm(v.unsqueeze(1), yf).squeeze(1)
+
+
 def _rank_one_sigma(xf, yf, n, u, v):
     """``sigma = (X^T u) . (Y^T v) / N`` with ``u``, ``v`` fixed: the gradient is rank one."""
-    xu = torch.bmm(u.unsqueeze(1), xf).squeeze(1)
-    yv = torch.bmm(v.unsqueeze(1), yf).squeeze(1)
+    xu, yv = _projections(xf, yf, u, v)
     return (xu * yv).sum(dim=1) / n
 
 
@@ -180,9 +187,7 @@ def _pair_power_iterations(signs, reals, iters):
             sig_f[k] = _rank_one_sigma(*ff, *_factor_power_iteration(*ff, iters))
     for members in groups.values():
         stacked = torch.cat([rm for _, _, rm in members])
-        u, v = power_iteration(lambda v: torch.bmm(stacked, v.unsqueeze(2)).squeeze(2),
-                               lambda u: torch.bmm(u.unsqueeze(1), stacked).squeeze(1),
-                               stacked.shape[:2], iters, stacked.device)
+        u, v = _rm_power_iteration(stacked, iters)
         start = 0
         for k, side, rm in members:
             ui, vi = u[start:start + rm.shape[0]], v[start:start + rm.shape[0]]
@@ -396,8 +401,7 @@ class LipschitzRegularizer:
         for k in range(k_pairs):
             xf, yf, n = factors_b[k]
             u, v = uv_b[k]
-            xu = torch.bmm(u.unsqueeze(1), xf).squeeze(1)
-            yv = torch.bmm(v.unsqueeze(1), yf).squeeze(1)
+            xu, yv = _projections(xf, yf, u, v)
             sig_b = (xu * yv).sum(dim=1) / n
             denom = sig_f[k].clamp_min(1e-12)
             ratio = sig_b / denom
