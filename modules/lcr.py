@@ -68,11 +68,26 @@ def fp32_math():
 
 def _pool_to(x, size):
     """Average-pool ``x`` (B x C x H x W) to ``size`` (H2, W2); ``x`` must not be smaller."""
-    if tuple(x.shape[-2:]) == tuple(size):
+    (h1, w1), (h2, w2) = x.shape[-2:], tuple(size)
+    if (h1, w1) == (h2, w2):
         return x
-    if x.shape[-2] < size[0] or x.shape[-1] < size[1]:
-        raise ValueError(f"retention matrix needs X at least as large as Y, got {tuple(x.shape)} vs {size}")
-    return F.adaptive_avg_pool2d(x, size)
+    if h1 < h2 or w1 < w2:
+        raise ValueError(f"retention matrix needs X at least as large as Y, got {tuple(x.shape)} vs {(h2, w2)}")
+    fh, fw = h1 // h2, w1 // w2
+    if fh * h2 != h1 or fw * w2 != w1 or not x.is_contiguous():
+        return F.adaptive_avg_pool2d(x, (h2, w2))
+    # Whole-window pooling as sums of slices: first the fh input rows of each output row (whole
+    # contiguous rows), then the fw neighbours in a row. Equal to avg_pool2d up to rounding and
+    # several times faster on CPU.
+    rows = x.reshape(-1, fh, w1)
+    out = rows[:, 0] * (1.0 / (fh * fw))
+    for i in range(1, fh):
+        out.add_(rows[:, i], alpha=1.0 / (fh * fw))
+    cols = out.view(-1, fw)
+    pooled = cols[:, 0].clone()
+    for j in range(1, fw):
+        pooled.add_(cols[:, j])
+    return pooled.view(*x.shape[:-2], h2, w2)
 
 
 def _factors(x, y):
@@ -95,24 +110,56 @@ def power_iteration(matvec, rmatvec, shape, iters, device):
 
     ``matvec(v) = RM v`` and ``rmatvec(u) = RM^T u``. Starts from the all-ones ``u`` (no random
     numbers, so training RNG streams are untouched) and alternates ``v = RM^T u / |.|``,
-    ``u = RM v / |.|`` ``iters`` times. Runs without gradient.
+    ``u = RM v / |.|`` ``iters`` times. Runs without gradient. (``v`` is normalised only at the
+    end: the direction of ``RM v`` does not depend on the scale of ``v``.)
     """
     b, c1 = shape
     with torch.no_grad():
         u = torch.full((b, c1), 1.0 / math.sqrt(c1), device=device)
-        v = F.normalize(rmatvec(u), dim=1)
-        for _ in range(iters - 1):
-            u = F.normalize(matvec(v), dim=1)
-            v = F.normalize(rmatvec(u), dim=1)
-        u = F.normalize(matvec(v), dim=1)
+        for _ in range(iters):
+            v = rmatvec(u)
+            u = matvec(v)
+            u = u.div_(u.norm(dim=1, keepdim=True).clamp_min_(1e-12))
+        v = v.div_(v.norm(dim=1, keepdim=True).clamp_min_(1e-12))
     return u, v
 
 
+# On CPU the power iterations on explicit matrices run on chunks of about this many bytes, so that
+# the ``2 * iters`` passes over a chunk are served from the cache rather than from main memory.
+_CPU_CHUNK_BYTES = 2 << 20
+
+
+def _row_times(vec, mat):
+    """``vec_b^T mat_b`` for B x C vectors and B x C x D matrices (any strides): B x D.
+
+    The row-vector form is the fast batched matrix-vector product on CPU, also for a transposed
+    view of ``mat`` (the column form ``mat @ vec`` is several times slower there).
+    """
+    return torch.bmm(vec.unsqueeze(1), mat).squeeze(1)
+
+
 def _rm_power_iteration(rm, iters):
-    """:func:`power_iteration` on explicit matrices ``rm`` (B x C1 x C2)."""
-    return power_iteration(lambda v: torch.bmm(rm, v.unsqueeze(2)).squeeze(2),
-                           lambda u: torch.bmm(u.unsqueeze(1), rm).squeeze(1),
-                           rm.shape[:2], iters, rm.device)
+    """:func:`power_iteration` on explicit matrices ``rm`` (B x C1 x C2): ``(u, v, sigma)``.
+
+    ``sigma = u^T RM v`` (B values). No gradient. On CPU the matrices are taken in cache-sized chunks.
+    """
+    b, c1, c2 = rm.shape
+    per = b if rm.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * c1 * c2))
+    out = []
+    with torch.no_grad():
+        for chunk in rm.split(per):
+            chunk_t = chunk.transpose(1, 2)
+            u, v = power_iteration(lambda v, m=chunk_t: _row_times(v, m), lambda u, m=chunk: _row_times(u, m),
+                                   (chunk.shape[0], c1), iters, rm.device)
+            out.append((u, v, (_row_times(u, chunk) * v).sum(dim=1)))
+    if len(out) == 1:
+        return out[0]
+    return tuple(torch.cat(parts) for parts in zip(*out))
+
+
+def _bilinear(u, rm, v):
+    """``u_b^T RM_b v_b`` for each b."""
+    return torch.bmm(torch.bmm(u.unsqueeze(1), rm), v.unsqueeze(2)).view(-1)
 
 
 def spectral_norm(rm, iters=5):
@@ -123,37 +170,48 @@ def spectral_norm(rm, iters=5):
     """
     with fp32_math():
         rm32 = rm.float()
-        u, v = _rm_power_iteration(rm32, iters)
-        return torch.einsum("bi,bij,bj->b", u, rm32, v)
+        u, v, _ = _rm_power_iteration(rm32.detach(), iters)
+        return _bilinear(u, rm32, v)
 
 
 def pair_sigma(x, y, iters=5):
     """``sigma(retention_matrix(x, y))`` per sample without building RM when that is cheaper.
 
     Equal (up to rounding) to ``spectral_norm(retention_matrix(x, y), iters)`` and with the same
-    gradient. Forming RM costs ``N C1 C2`` per sample; iterating on the factors costs
-    ``2 N (C1 + C2)`` per iteration, so the cheaper of the two is used for the power iteration.
-    ``sigma = (X^T u) . (Y^T v) / N`` is then evaluated on the factors (rank-one gradient).
+    gradient. The power iteration runs on RM or on the factors, whichever :func:`_explicit` says
+    is cheaper; ``sigma = (X^T u) . (Y^T v) / N`` is then evaluated on the factors (rank-one
+    gradient).
     """
     with fp32_math():
         xf, yf, n = _factors(x, y)
         with torch.no_grad():
-            if _explicit(xf.shape[1], yf.shape[1], iters):
-                rm = torch.bmm(xf, yf.transpose(1, 2)) / n
-                u, v = _rm_power_iteration(rm, iters)
+            if _explicit(xf.shape[1], yf.shape[1], n, iters):
+                u, v, _ = _rm_power_iteration(torch.bmm(xf, yf.transpose(1, 2)) / n, iters)
             else:
                 u, v = _factor_power_iteration(xf, yf, n, iters)
         return _rank_one_sigma(xf, yf, n, u, v)
 
 
-def _explicit(c1, c2, iters):
-    """Whether forming RM (N C1 C2 per sample) beats iterating on the factors (2 N (C1+C2) per step)."""
-    return c1 * c2 <= 2 * iters * (c1 + c2)
+# Multiply-adds a matrix product does in the time it takes to stream one float from main memory:
+# about 8 on the 2-core CPU of the README's benchmark (25-50 GMAC/s in these products, 22 GB/s).
+# GPUs have a higher ratio, which only favours forming RM more often than this rule does.
+_MACS_PER_FLOAT = 8
+
+
+def _explicit(c1, c2, n, iters):
+    """Whether forming RM beats iterating on the factors X (C1 x N) and Y (C2 x N).
+
+    Forming RM is a matrix product of ``N C1 C2`` multiply-adds, after which each of the
+    ``2 iters`` products reads RM (``C1 C2`` floats); on the factors each product reads X and Y,
+    ``N (C1 + C2)`` floats. The products are memory-bound, the formation is not.
+    """
+    passes = 2 * iters * _MACS_PER_FLOAT
+    return c1 * c2 * (n + passes) <= passes * n * (c1 + c2)
 
 
 def _projections(xf, yf, u, v):
     """``(X^T u, Y^T v)``: B x N each."""
-    return torch.bmm(u.unsqueeze(1), xf).squeeze(1), torch.bmm(v.unsqueeze(1), yf).squeeze(1)
+    return _row_times(u, xf), _row_times(v, yf)
 
 
 def _rank_one_sigma(xf, yf, n, u, v):
@@ -165,9 +223,10 @@ def _rank_one_sigma(xf, yf, n, u, v):
 def _pair_power_iterations(signs, reals, iters):
     """Top singular vectors of ``RM_B^k`` and ``sigma(RM_F^k)`` for every consecutive pair, no gradient.
 
-    Every retention matrix that is cheap to form is formed once, and the power iterations of all
-    pairs whose matrices have the same shape (binary and real alike) run as one batched iteration;
-    the real side's sigma is read off its small matrix. Pairs of wide layers iterate on the factors.
+    Retention matrices that are cheaper to form than to iterate on are formed once, straight
+    into one buffer per shape, and the power iterations of all matrices of a shape (binary and
+    real alike, all pairs) run as one batched iteration; the real side's sigma is read off its
+    matrix. Pairs of wide layers with few positions iterate on the factors.
     Returns ``(factors_b, uv_b, sig_f)``: lists over pairs of the binary factors ``(X, Y, N)``,
     of ``(u, v)`` and of B values.
     """
@@ -178,35 +237,33 @@ def _pair_power_iterations(signs, reals, iters):
     for k in range(k_pairs):
         fb = factors_b[k]
         ff = _factors(reals[k], reals[k + 1])
-        c1, c2 = fb[0].shape[1], fb[1].shape[1]
-        if _explicit(c1, c2, iters):
-            for side, (x, y, n) in (("b", fb), ("f", ff)):
-                groups.setdefault((c1, c2), []).append((k, side, torch.bmm(x, y.transpose(1, 2)) / n))
+        c1, c2, n = fb[0].shape[1], fb[1].shape[1], fb[2]
+        if _explicit(c1, c2, n, iters):
+            groups.setdefault((c1, c2), []).extend([(k, "b", fb), (k, "f", ff)])
         else:
             uv_b[k] = _factor_power_iteration(*fb, iters)
             sig_f[k] = _rank_one_sigma(*ff, *_factor_power_iteration(*ff, iters))
-    for members in groups.values():
-        stacked = torch.cat([rm for _, _, rm in members])
-        u, v = _rm_power_iteration(stacked, iters)
-        start = 0
-        for k, side, rm in members:
-            ui, vi = u[start:start + rm.shape[0]], v[start:start + rm.shape[0]]
-            start += rm.shape[0]
+    for (c1, c2), members in groups.items():
+        b = members[0][2][0].shape[0]
+        rms = members[0][2][0].new_empty(len(members) * b, c1, c2)
+        for i, (_, _, (x, y, n)) in enumerate(members):
+            torch.bmm(x, y.transpose(1, 2), out=rms[i * b:(i + 1) * b]).mul_(1.0 / n)
+        u, v, sig = _rm_power_iteration(rms, iters)
+        for i, (k, side, _) in enumerate(members):
+            part = slice(i * b, (i + 1) * b)
             if side == "b":
-                uv_b[k] = (ui, vi)
+                uv_b[k] = (u[part], v[part])
             else:
-                sig_f[k] = torch.einsum("bi,bij,bj->b", ui, rm, vi)
+                sig_f[k] = sig[part]
     return factors_b, uv_b, sig_f
 
 
 def _factor_power_iteration(xf, yf, n, iters):
     """Power iteration on ``RM = X Y^T / N`` through the factors, never forming RM."""
-    def matvec(v):
-        return torch.bmm(xf, torch.bmm(v.unsqueeze(1), yf).transpose(1, 2)).squeeze(2) / n
-
-    def rmatvec(u):
-        return torch.bmm(yf, torch.bmm(u.unsqueeze(1), xf).transpose(1, 2)).squeeze(2) / n
-    return power_iteration(matvec, rmatvec, (xf.shape[0], xf.shape[1]), iters, xf.device)
+    xt, yt = xf.transpose(1, 2), yf.transpose(1, 2)
+    return power_iteration(lambda v: _row_times(_row_times(v, yf), xt) / n,
+                           lambda u: _row_times(_row_times(u, xf), yt) / n,
+                           (xf.shape[0], xf.shape[1]), iters, xf.device)
 
 
 def chain_sigmas(signs, reals, iters=5):
@@ -236,19 +293,16 @@ class _DeferredGrad:
         self.scale = None        # d total / d L_LCR, set by the loss node's backward
 
     def add_to(self, grad):
-        """``grad`` plus this activation's LCR gradient, each outer product fused into one kernel."""
+        """``grad`` plus this activation's LCR gradient: all its outer products in one kernel."""
         b, c = grad.shape[:2]
-        out = None
-        for coef, vec_c, vec_n, size in self.terms:
-            left = ((coef * self.scale)[:, None] * vec_c).unsqueeze(2)     # B x C x 1
-            right = vec_n.unsqueeze(1)                                      # B x 1 x N
-            if tuple(size) == tuple(grad.shape[-2:]):
-                base = grad.reshape(b, c, -1).float() if out is None else out
-                out = torch.baddbmm(base, left, right) if out is None else out.baddbmm_(left, right)
-            else:  # X was average-pooled: spread each pooled gradient evenly over its window
-                small = torch.bmm(left, right).view(b, c, *size)
-                full = _unpool(small, grad.shape[-2:]).reshape(b, c, -1)
-                out = grad.reshape(b, c, -1).float() + full if out is None else out.add_(full)
+        size = tuple(grad.shape[-2:])
+        lefts, rights = [], []
+        for coef, vec_c, vec_n, term_size in self.terms:
+            lefts.append((coef * self.scale)[:, None] * vec_c)
+            if tuple(term_size) != size:  # X was average-pooled: spread evenly over each window
+                vec_n = _unpool(vec_n.view(b, 1, *term_size), size).view(b, -1)
+            rights.append(vec_n)
+        out = torch.baddbmm(grad.reshape(b, c, -1).float(), torch.stack(lefts, 2), torch.stack(rights, 1))
         return out.view(grad.shape).to(grad.dtype)
 
 

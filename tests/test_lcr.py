@@ -12,9 +12,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import create_model
+from modules import lcr
 from modules.binary import BinarizeConv2d, set_ede_schedule
-from modules.lcr import (LCRTap, LipschitzRegularizer, chain_sigmas, pair_sigma, retention_matrix,
-                         spectral_norm)
+from modules.lcr import (LCRTap, LipschitzRegularizer, _explicit, _pool_to, chain_sigmas, pair_sigma,
+                         retention_matrix, spectral_norm)
 
 
 # ----------------------------------------------------------------------------- references
@@ -122,6 +123,21 @@ def test_retention_matrix_of_signs_and_closed_form():
                                torch.zeros(1, 1, 1))
 
 
+@pytest.mark.parametrize("shape,size,channels_last", [
+    ((3, 4, 8, 8), (4, 4), False),      # the usual 2x2
+    ((2, 3, 6, 9), (2, 3), False),      # 3x3 windows, non-square
+    ((2, 3, 8, 8), (8, 4), False),      # pooled along W only
+    ((2, 3, 8, 8), (4, 4), True),       # channels_last input: the pooling kernel's path
+    ((2, 3, 7, 7), (4, 4), False),      # overlapping adaptive windows
+])
+def test_pool_to_equals_adaptive_avg_pool(shape, size, channels_last):
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(_pool_to(x, size), F.adaptive_avg_pool2d(x, size), rtol=1e-6, atol=1e-6)
+
+
 def test_retention_matrix_rejects_smaller_x():
     with pytest.raises(ValueError):
         retention_matrix(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 4, 4))
@@ -153,6 +169,40 @@ def test_spectral_norm_gradient_is_top_singular_pair(shape):
     torch.testing.assert_close(spectral_norm(rm, iters=30).double(), ten, rtol=1e-6, atol=0)
 
 
+def textbook_power_iteration(rm, iters):
+    """METHOD.md's alternation, one matrix at a time in float64: v = RM^T u / |.|, u = RM v / |.|."""
+    out = []
+    for m in rm.double():
+        u = torch.ones(m.shape[0], dtype=torch.float64) / m.shape[0] ** 0.5
+        for _ in range(iters):
+            v = m.T @ u
+            v = v / v.norm()
+            u = m @ v
+            u = u / u.norm()
+        out.append(u @ m @ v)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("iters", [1, 2, 5])
+@pytest.mark.parametrize("shape", [(7, 7), (16, 5), (3, 24)])
+def test_spectral_norm_follows_the_textbook_sequence(shape, iters):
+    # few iterations, far from convergence: the value pins down the exact sequence of vectors
+    torch.manual_seed(6)
+    rm = torch.randn(5, *shape)
+    torch.testing.assert_close(spectral_norm(rm, iters).double(), textbook_power_iteration(rm, iters),
+                               rtol=1e-5, atol=0)
+
+
+def test_power_iteration_in_chunks_equals_one_batch(monkeypatch):
+    # on CPU the matrices are iterated on in cache-sized chunks; 3 matrices per chunk here
+    torch.manual_seed(7)
+    rm = torch.randn(10, 6, 4)
+    whole = spectral_norm(rm, 5)
+    monkeypatch.setattr(lcr, "_CPU_CHUNK_BYTES", 3 * 6 * 4 * 4)
+    torch.testing.assert_close(spectral_norm(rm, 5), whole, rtol=1e-6, atol=0)
+    torch.testing.assert_close(whole.double(), textbook_power_iteration(rm, 5), rtol=1e-5, atol=0)
+
+
 def test_spectral_norm_one_iteration_is_finite_and_a_lower_bound():
     torch.manual_seed(3)
     rm = torch.randn(4, 9, 9, dtype=torch.float64)
@@ -164,19 +214,20 @@ def test_spectral_norm_one_iteration_is_finite_and_a_lower_bound():
 
 # ----------------------------------------------------------------------------- pair_sigma
 PAIR_CASES = [
-    # (C1, C2, H1, H2, iters): which branch pair_sigma takes is c1*c2 <= 2*iters*(c1+c2)
-    (8, 8, 6, 6, 5),          # forms RM
-    (64, 64, 6, 6, 5),        # iterates on the factors
-    (8, 8, 8, 4, 5),          # forms RM, X pooled
-    (32, 64, 8, 4, 5),        # factors, X pooled
-    (64, 64, 4, 4, 1),        # factors, a single iteration
-    (16, 8, 4, 2, 3),         # forms RM, rectangular, pooled
+    # (C1, C2, H1, H2, iters, forms RM): which branch pair_sigma takes is _explicit(C1, C2, N, iters)
+    (8, 8, 6, 6, 5, True),
+    (64, 64, 6, 6, 5, False),       # iterates on the factors
+    (8, 8, 8, 4, 5, True),          # X pooled
+    (32, 64, 8, 4, 5, False),       # factors, X pooled
+    (64, 64, 4, 4, 1, False),       # factors, a single iteration
+    (16, 8, 8, 4, 3, True),         # rectangular, pooled
 ]
 
 
 @pytest.mark.parametrize("signed", [False, True])
-@pytest.mark.parametrize("c1,c2,h1,h2,iters", PAIR_CASES)
-def test_pair_sigma_equals_spectral_norm_of_rm(c1, c2, h1, h2, iters, signed):
+@pytest.mark.parametrize("c1,c2,h1,h2,iters,forms_rm", PAIR_CASES)
+def test_pair_sigma_equals_spectral_norm_of_rm(c1, c2, h1, h2, iters, forms_rm, signed):
+    assert _explicit(c1, c2, h2 * h2, iters) == forms_rm
     torch.manual_seed(4)
     x = torch.randn(3, c1, h1, h1)
     y = torch.randn(3, c2, h2, h2)
@@ -196,16 +247,16 @@ def test_pair_sigma_equals_spectral_norm_of_rm(c1, c2, h1, h2, iters, signed):
     torch.testing.assert_close(y1.grad, y2.grad, rtol=1e-3, atol=1e-5 * y2.grad.abs().max())
 
 
-@pytest.mark.parametrize("iters", [15, 100])
-def test_pair_sigma_converges_to_exact_norm(iters):
-    # a dominant shared component gives RM a clear spectral gap, so few iterations suffice;
-    # iters 15 with 64 channels takes the factor branch, iters 100 the RM branch
+@pytest.mark.parametrize("iters,side,forms_rm", [(15, 4, False), (100, 8, True)])
+def test_pair_sigma_converges_to_exact_norm(iters, side, forms_rm):
+    # a dominant shared component gives RM a clear spectral gap, so few iterations suffice
     torch.manual_seed(5)
-    b, c, n = 2, 64, 16
+    b, c, n = 2, 64, side * side
+    assert _explicit(c, c, n, iters) == forms_rm
     z = torch.randn(b, 1, n)
     x = 3 * torch.randn(b, c, 1) * z + torch.randn(b, c, n)
     y = 3 * torch.randn(b, c, 1) * z + torch.randn(b, c, n)
-    x, y = x.view(b, c, 4, 4), y.view(b, c, 4, 4)
+    x, y = x.view(b, c, side, side), y.view(b, c, side, side)
     torch.testing.assert_close(pair_sigma(x, y, iters).double(), exact_sigma(ref_rm(x, y)), rtol=1e-4, atol=0)
 
 
