@@ -298,6 +298,17 @@ def test_autocast_bfloat16_runs_and_is_finite():
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_sign_equals_where_on_edge_values(dtype):
+    # -0.0, the smallest subnormals, infinities and a random tensor: sign(0) = +1 whatever the sign bit
+    edge = torch.tensor([0.0, -0.0, 1e-45, -1e-45, float("inf"), -float("inf"), 1.0, -1.0], dtype=dtype)
+    x = torch.cat([edge, torch.randn(1000, generator=torch.Generator().manual_seed(0)).to(dtype)])
+    y = binary_sign(x, torch.tensor(1.0), torch.tensor(1.0))
+    assert torch.equal(y, torch.where(x >= 0, 1.0, -1.0).to(dtype))
+    tiny_negative = -1.0 if dtype != torch.bfloat16 else 1.0     # -1e-45 rounds to -0.0 in bfloat16
+    assert y[:4].tolist() == [1.0, 1.0, 1.0, tiny_negative]
+
+
 def test_sign_keeps_dtype():
     for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         x = torch.tensor([-1.5, 0.0, 2.0]).to(dtype)
