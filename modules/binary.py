@@ -30,11 +30,16 @@ class SignEDE(torch.autograd.Function):
 
     ``t`` and ``k`` are 0-dim tensors (the layer's buffers), so changing them never recompiles or
     reallocates anything. Call through :meth:`apply` (or :func:`binary_sign`).
+
+    ``extra``: optional object with ``add_to(grad) -> grad + more`` (or None), which the backward
+    calls on ``dy`` before the EDE factor; the Lipschitz regulariser adds its gradient with respect
+    to ``y`` this way, fused into this backward instead of a separate pass over ``dy``.
     """
 
     @staticmethod
-    def forward(ctx, x, t, k):
+    def forward(ctx, x, t, k, extra=None):
         ctx.save_for_backward(x, t, k)
+        ctx.extra = extra
         # sign(sign(x) + 0.5) maps -0.0, 0 and every x > 0 to +1, x < 0 to -1: the same tensor as
         # where(x >= 0, 1, -1) (NaN stays NaN), in one allocation; on CPU about 4x faster
         return torch.sign(x).add_(0.5).sign_()
@@ -42,16 +47,18 @@ class SignEDE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, t, k = ctx.saved_tensors
-        # grad_out * (k t) * (1 - tanh(t x)^2), evaluated in that order (bit-identical to the plain
-        # expression) with two allocations instead of six
+        # d = k t (1 - tanh(t x)^2), computed in place: two allocations in all instead of six
         d = torch.mul(x, t.to(x.dtype)).tanh_()
-        d = d.mul_(d).sub_(1).neg_()
-        return torch.mul(grad_out, (k * t).to(x.dtype)).mul_(d), None, None
+        d = d.mul_(d).sub_(1).mul_(-(k * t).to(x.dtype))
+        grad = ctx.extra.add_to(grad_out) if ctx.extra is not None else None
+        if grad is None:
+            return grad_out * d, None, None, None
+        return grad.mul_(d), None, None, None
 
 
-def binary_sign(x, t, k):
+def binary_sign(x, t, k, extra=None):
     """Functional form of :class:`SignEDE`: ``sign(x)`` in {-1, +1} with the EDE gradient."""
-    return SignEDE.apply(x, t, k)
+    return SignEDE.apply(x, t, k, extra)
 
 
 class BinarizeConv2d(nn.Conv2d):
@@ -59,11 +66,10 @@ class BinarizeConv2d(nn.Conv2d):
 
     Same constructor as ``nn.Conv2d``. Buffers ``t`` and ``k`` hold the EDE parameters (saved in
     checkpoints, moved with ``.to()``). The layer hides nothing else: the Lipschitz regulariser
-    reads the layer's real input and its signs through :attr:`recorder`, a callable
-    ``recorder(layer, x, x_bin) -> x_bin`` that is ``None`` unless a
-    :class:`modules.lcr.LipschitzRegularizer` is recording, so recording costs nothing when it is
-    off. (The regulariser hands back ``x_bin`` through an identity whose backward adds the LCR
-    gradient.) ``lcr_chain`` says whether the layer is on the main path that the
+    reads the layer's real input through :attr:`recorder`, a callable ``recorder(layer, x) -> x_bin``
+    that is ``None`` unless a :class:`modules.lcr.LipschitzRegularizer` is recording, so recording
+    costs nothing when it is off. (The regulariser takes the signs itself, with its gradient
+    attached to the sign's backward, and hands them back for the convolution.) ``lcr_chain`` says whether the layer is on the main path that the
     regulariser follows (binary 1x1 shortcut convolutions, if a model has any, set it to False).
     """
 
@@ -83,9 +89,10 @@ class BinarizeConv2d(nn.Conv2d):
         return (binary_sign(w_hat, self.t, self.k) * scale).view_as(self.weight)
 
     def forward(self, x):
-        x_bin = binary_sign(x, self.t, self.k)
-        if self.recorder is not None:
-            x_bin = self.recorder(self, x, x_bin)
+        if self.recorder is None:
+            x_bin = binary_sign(x, self.t, self.k)
+        else:
+            x_bin = self.recorder(self, x)
         # nn.Conv2d's own path, so padding_mode ('zeros', 'reflect', ...) applies to the signs
         return self._conv_forward(x_bin, self.binary_weight(), self.bias)
 

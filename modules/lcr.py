@@ -54,7 +54,7 @@ class LCRTap(nn.Identity):
 
     def forward(self, x):
         if self.recorder is not None:
-            self.recorder(self, x, None)
+            self.recorder(self, x)
         return x
 
 
@@ -293,7 +293,11 @@ class _DeferredGrad:
         self.scale = None        # d total / d L_LCR, set by the loss node's backward
 
     def add_to(self, grad):
-        """``grad`` plus this activation's LCR gradient: all its outer products in one kernel."""
+        """``grad`` plus this activation's LCR gradient, all its outer products in one kernel; a new
+        tensor, or None when there is nothing to add (no loss() call, or a backward pass that does
+        not come from the LCR loss)."""
+        if self.scale is None or not self.terms:
+            return None
         b, c = grad.shape[:2]
         size = tuple(grad.shape[-2:])
         lefts, rights = [], []
@@ -315,27 +319,11 @@ def _unpool(grad, size):
     return torch.ops.aten._adaptive_avg_pool2d_backward(grad, grad.new_empty(*grad.shape[:2], h, w))
 
 
-class _InjectLCRGrad(torch.autograd.Function):
-    """Identity on a recorded binary activation whose backward adds its deferred LCR gradient."""
-
-    @staticmethod
-    def forward(ctx, x, slot):
-        ctx.slot = slot
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        slot = ctx.slot
-        if slot.scale is None or not slot.terms:
-            return grad, None
-        return slot.add_to(grad), None
-
-
 class _LCRLossNode(torch.autograd.Function):
     """Returns the precomputed ``L_LCR`` value; its backward hands ``d total / d L_LCR`` to the slots.
 
     The recorded activations are inputs only so that the backward pass reaches their
-    :class:`_InjectLCRGrad` nodes, which then add the actual gradient.
+    sign nodes, whose backward then adds the actual gradient (:class:`modules.binary.SignEDE`).
     """
 
     @staticmethod
@@ -404,14 +392,13 @@ class LipschitzRegularizer:
     def load_state_dict(self, state):
         """Nothing to restore (kept for symmetry with the official form)."""
 
-    def _record(self, module, x, x_bin):
-        if x_bin is None:  # the feature map after the last binary block: its sign is ours to take
-            last = self._last_conv
-            x_bin = binary_sign(x, last.t.to(x.device), last.k.to(x.device))
+    def _record(self, module, x):
+        """The recorder: the signs of ``x`` with this activation's LCR gradient slot attached."""
+        owner = module if isinstance(module, BinarizeConv2d) else self._last_conv
         slot = _DeferredGrad()
-        tapped = _InjectLCRGrad.apply(x_bin, slot)
-        self._records.setdefault(x.device, []).append((x, tapped, slot))
-        return tapped
+        x_bin = binary_sign(x, owner.t.to(x.device), owner.k.to(x.device), slot)
+        self._records.setdefault(x.device, []).append((x, x_bin, slot))
+        return x_bin
 
     @contextlib.contextmanager
     def record(self):
@@ -438,7 +425,7 @@ class LipschitzRegularizer:
                     raise RuntimeError("the LCR chain needs at least two recorded activations")
                 ratios.append(self._chain_terms(chain, total).to(out_device))
                 slots += [slot for _, _, slot in chain]
-                anchors += [tapped for _, tapped, _ in chain]
+                anchors += [x_bin for _, x_bin, _ in chain]
             ratio = torch.cat(ratios, dim=1)
             value = ((ratio - 1) ** 2).mean()
         self._records = {}

@@ -3,7 +3,8 @@
 For each model and batch size it times ``utils.engine.train_step`` (the training loop's own step:
 forward, loss, backward, SGD) on random data for alpha 0 (plain IR-Net) and alpha > 0 in each
 chosen LCR form, and reports medians of step time, images/s, peak memory and the ratios to alpha 0.
-Configurations are interleaved round by round, so drift on a shared machine hits all of them alike.
+Configurations take turns step by step; the time ratio is the median over rounds of each round's
+ratio of medians, so load on a shared machine hits all configurations alike.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; on CPU the peak of
 the live bytes that ops allocate during one step, from ``torch.profiler``'s memory records
@@ -102,6 +103,35 @@ def measure_memory(cfg, device):
     return cpu_peak_bytes(cfg)
 
 
+def paired_ratio(times, base_times):
+    """Median over rounds of (median step time in the round / alpha 0's median in the same round).
+
+    Rounds interleave the configurations step by step, so each round's ratio compares steps taken
+    seconds apart; the median over rounds discards rounds that a burst of load on a shared
+    machine distorted.
+    """
+    return statistics.median(statistics.median(r) / statistics.median(b) for r, b in zip(times, base_times))
+
+
+def profile_configs(cfgs, top):
+    """Where the extra time goes: each LCR config's ops by self CPU time against alpha 0's, one step each."""
+    from torch.profiler import profile
+
+    def op_times(cfg):
+        with profile() as prof:
+            cfg.step()
+        return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
+
+    base = op_times(cfgs[0])
+    for cfg in cfgs[1:]:
+        ops = op_times(cfg)
+        extra = sorted(((ops.get(k, 0) - base.get(k, 0), k) for k in set(ops) | set(base)), reverse=True)
+        print(f"# {cfg.label}: self CPU ms {sum(ops.values()):.1f} against alpha 0's {sum(base.values()):.1f}; "
+              f"the {top} ops that grew most (ms: alpha 0 -> this config)")
+        for diff, key in extra[:top]:
+            print(f"#   {diff:+8.2f}  {base.get(key, 0):8.2f} -> {ops.get(key, 0):8.2f}  {key}")
+
+
 def run(args):
     device = torch.device(args.device)
     if args.threads:
@@ -120,19 +150,23 @@ def run(args):
             mem = {cfg.label: measure_memory(cfg, device) for cfg in cfgs}
             for _ in range(args.rounds):
                 for cfg in cfgs:
-                    for _ in range(args.steps):
+                    cfg.times.append([])
+                for _ in range(args.steps):
+                    for cfg in cfgs:  # one step of each in turn: noise hits every config alike
                         sync(device)
                         t0 = time.perf_counter()
                         cfg.step()
                         sync(device)
-                        cfg.times.append(time.perf_counter() - t0)
+                        cfg.times[-1].append(time.perf_counter() - t0)
             base = cfgs[0]
-            t_base = statistics.median(base.times)
             for cfg in cfgs:
-                t = statistics.median(cfg.times)
+                t = statistics.median([s for r in cfg.times for s in r])
+                ratio = paired_ratio(cfg.times, base.times)
                 rows.append({"model": name, "batch": batch, "config": cfg.label, "step_ms": 1000 * t,
                              "img_s": batch / t, "peak_mib": mem[cfg.label] / 2**20,
-                             "time_ratio": t / t_base, "mem_ratio": mem[cfg.label] / max(mem[base.label], 1)})
+                             "time_ratio": ratio, "mem_ratio": mem[cfg.label] / max(mem[base.label], 1)})
+            if args.profile:
+                profile_configs(cfgs, args.profile)
     print("| model | batch | config | step ms | img/s | peak MiB | time / alpha 0 | memory / alpha 0 |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -158,6 +192,9 @@ def get_parser():
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also profile one step of each config and list the N ops whose self CPU time "
+                        "grew most against alpha 0 (default 0: no profile)")
     return p
 
 
