@@ -293,9 +293,14 @@ class _DeferredGrad:
         self.scale = None        # d total / d L_LCR, set by the loss node's backward
 
     def add_to(self, grad):
-        """``grad`` plus this activation's LCR gradient, all its outer products in one kernel; a new
-        tensor, or None when there is nothing to add (no loss() call, or a backward pass that does
-        not come from the LCR loss)."""
+        """``grad`` plus this activation's LCR gradient, all its outer products in one kernel, or None
+        when there is nothing to add (no loss() call, or a backward pass that does not come from the
+        LCR loss).
+
+        A contiguous fp32 ``grad`` is updated in place and returned: it is the fresh gradient that
+        autograd hands to the sign's backward, which nothing else holds (the LCR loss node
+        contributes no tensor of its own to this activation).
+        """
         if self.scale is None or not self.terms:
             return None
         b, c = grad.shape[:2]
@@ -306,7 +311,11 @@ class _DeferredGrad:
             if tuple(term_size) != size:  # X was average-pooled: spread evenly over each window
                 vec_n = _unpool(vec_n.view(b, 1, *term_size), size).view(b, -1)
             rights.append(vec_n)
-        out = torch.baddbmm(grad.reshape(b, c, -1).float(), torch.stack(lefts, 2), torch.stack(rights, 1))
+        left, right = torch.stack(lefts, 2), torch.stack(rights, 1)
+        if grad.dtype == torch.float32 and grad.is_contiguous():
+            grad.view(b, c, -1).baddbmm_(left, right)
+            return grad
+        out = torch.baddbmm(grad.reshape(b, c, -1).float(), left, right)
         return out.view(grad.shape).to(grad.dtype)
 
 
