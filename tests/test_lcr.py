@@ -434,12 +434,16 @@ class _OddSizes(nn.Module):
         return self.fc(self.lcr_tap(self.body(self.stem(x))).mean(dim=(2, 3)))
 
 
-def _compare_lcr_gradients(name, size, batch, iters, sigma_b, sigma_f, with_ce, rtol, rel_atol):
+def _compare_lcr_gradients(name, size, batch, iters, sigma_b, sigma_f, with_ce, rtol, rel_atol,
+                           channels_last=False):
     torch.manual_seed(0)
     model = _OddSizes() if name == "odd_sizes" else create_model(name)
     set_ede_schedule(model, 3, 10)                                # t = 0.0158, k = 63.1
     twin = copy.deepcopy(model)
     x = torch.randn(batch, 3, size, size)
+    if channels_last:  # the activations' gradients are then not contiguous: the out-of-place path
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.arange(batch) % 10
     weight = 2.5
 
@@ -480,6 +484,11 @@ def test_regularizer_gradient_equals_autograd_at_default_iters(name, size, batch
     # itself checked against spectral_norm and matrix_norm above)
     _compare_lcr_gradients(name, size, batch, 5, lambda a, b: pair_sigma(a, b, 5),
                            lambda a, b: pair_sigma(a, b, 5), with_ce, rtol=1e-4, rel_atol=1e-4)
+
+
+def test_regularizer_gradient_with_channels_last_activations():
+    _compare_lcr_gradients("resnet20_1w1a", 32, 4, 5, lambda a, b: pair_sigma(a, b, 5),
+                           lambda a, b: pair_sigma(a, b, 5), True, rtol=1e-4, rel_atol=1e-4, channels_last=True)
 
 
 def test_regularizer_gradient_equals_exact_singular_value_gradient():
