@@ -254,6 +254,8 @@ def _train(args, runtime, save_path, resume_path, logger):
     """The training part of :func:`run`, with the run folder and logger in place."""
     if runtime.notice:
         logger.info(runtime.notice)
+    if args.amp and runtime.device.type != "cuda":
+        logger.info("--amp: bfloat16 autocast is for GPUs; training on the CPU in fp32")
     if runtime.is_main:
         save_args(args, save_path)
     logger.info("arguments: " + " ".join(f"{k}={v}" for k, v in sorted(vars(args).items())))
