@@ -283,9 +283,9 @@ class _DeferredGrad:
 
     ``d sigma / d X = u (Y^T v)^T / N`` and ``d sigma / d Y = v (X^T u)^T / N`` per sample, so the
     gradient of ``L_LCR`` with respect to a binary activation is a sum of outer products of small
-    vectors. It is materialised (one activation-sized tensor at a time) only when the backward
-    pass reaches the activation, instead of 2K activation-sized gradients waiting from the start
-    of the backward pass.
+    vectors. The sign's backward (:class:`modules.binary.SignEDE`) adds them to the activation's
+    incoming gradient when the backward pass reaches it, instead of 2K activation-sized gradients
+    waiting from the start of the backward pass.
     """
 
     def __init__(self):
