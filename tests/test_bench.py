@@ -44,3 +44,10 @@ def test_profile_lists_the_ops_that_grew(capsys):
     listed = [line for line in out.splitlines() if re.match(r"#\s+[+-]\d+\.\d\d\s", line)]
     assert len(listed) == 5
     assert any("bmm" in line for line in listed)     # the retention-matrix products are new work
+
+
+def test_threads_flag_does_not_leak_into_the_caller():
+    before = bench.torch.get_num_threads()
+    bench.main(["--models", "resnet20_1w1a", "--batch_sizes", "2", "--device", "cpu", "--warmup", "0",
+                "--steps", "1", "--rounds", "1", "--threads", str(before + 1), "--forms", "paper"])
+    assert bench.torch.get_num_threads() == before

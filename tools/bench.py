@@ -133,9 +133,17 @@ def profile_configs(cfgs, top):
 
 
 def run(args):
-    device = torch.device(args.device)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:  # callers in the same process (tests) keep their thread count
+        torch.set_num_threads(threads)
+
+
+def _run(args):
+    device = torch.device(args.device)
     rows = []
     print(f"# device: {hardware(device)}; torch {torch.__version__}; steps {args.steps} x rounds {args.rounds}; "
           f"amp {args.amp}; channels_last {args.channels_last}")
