@@ -69,8 +69,9 @@ class BinarizeConv2d(nn.Conv2d):
     reads the layer's real input through :attr:`recorder`, a callable ``recorder(layer, x) -> x_bin``
     that is ``None`` unless a :class:`modules.lcr.LipschitzRegularizer` is recording, so recording
     costs nothing when it is off. (The regulariser takes the signs itself, with its gradient
-    attached to the sign's backward, and hands them back for the convolution.) ``lcr_chain`` says whether the layer is on the main path that the
-    regulariser follows (binary 1x1 shortcut convolutions, if a model has any, set it to False).
+    attached to the sign's backward, and hands them back for the convolution.) ``lcr_chain`` says
+    whether the layer is on the main path that the regulariser follows (binary 1x1 shortcut
+    convolutions, if a model has any, set it to False).
     """
 
     def __init__(self, *args, **kwargs):
