@@ -138,6 +138,11 @@ def _row_times(vec, mat):
     return torch.bmm(vec.unsqueeze(1), mat).squeeze(1)
 
 
+def _bilinear(u, rm, v):
+    """``u_b^T RM_b v_b`` for each b (differentiable in ``rm``)."""
+    return (_row_times(u, rm) * v).sum(dim=1)
+
+
 def _rm_power_iteration(rm, iters):
     """:func:`power_iteration` on explicit matrices ``rm`` (B x C1 x C2): ``(u, v, sigma)``.
 
@@ -151,15 +156,10 @@ def _rm_power_iteration(rm, iters):
             chunk_t = chunk.transpose(1, 2)
             u, v = power_iteration(lambda v, m=chunk_t: _row_times(v, m), lambda u, m=chunk: _row_times(u, m),
                                    (chunk.shape[0], c1), iters, rm.device)
-            out.append((u, v, (_row_times(u, chunk) * v).sum(dim=1)))
+            out.append((u, v, _bilinear(u, chunk, v)))
     if len(out) == 1:
         return out[0]
     return tuple(torch.cat(parts) for parts in zip(*out))
-
-
-def _bilinear(u, rm, v):
-    """``u_b^T RM_b v_b`` for each b."""
-    return torch.bmm(torch.bmm(u.unsqueeze(1), rm), v.unsqueeze(2)).view(-1)
 
 
 def spectral_norm(rm, iters=5):
