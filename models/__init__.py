@@ -1,5 +1,5 @@
 """The model zoo: every network of METHOD.md section 2, created by name."""
 from models import resnet, resnet_cifar, vgg  # noqa: F401  (registers the entrypoints)
-from models.registry import create_model, list_models, register_model
+from models.registry import ModelInfo, create_model, list_models, model_info, register_model
 
-__all__ = ["create_model", "list_models", "register_model"]
+__all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

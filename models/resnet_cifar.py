@@ -3,11 +3,13 @@
 Stem: FP 3x3 conv 3->16, BN, hardtanh. Three stages of three blocks (16, 32, 64 channels); each
 block has a shortcut around every 3x3 convolution, ``out = hardtanh(bn(conv(x)) + shortcut(x))``.
 Head: global average pool, BatchNorm1d(64), FP linear. 18 binary convolutions, about 0.27 M
-parameters.
+parameters. Initialised as IR-Net's ``_weights_init``: Kaiming normal for convolutions and the
+classifier.
 """
 import torch.nn as nn
 
-from models.layers import OptionAShortcut, conv3x3, conv_layer, hardtanh, init_weights
+from models import recipes
+from models.layers import OptionAShortcut, conv3x3, conv_layer, hardtanh, init_kaiming_fan_in
 from models.registry import register_model
 from modules import LCRTap
 
@@ -56,7 +58,7 @@ class ResNetCifar(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.bn2 = nn.BatchNorm1d(widths[-1])
         self.fc = nn.Linear(widths[-1], num_classes)
-        init_weights(self)
+        init_kaiming_fan_in(self, linear=True)
 
     def forward(self, x):
         x = self.act(self.bn1(self.conv1(x)))
@@ -66,13 +68,13 @@ class ResNetCifar(nn.Module):
         return self.fc(x)
 
 
-@register_model
+@register_model("cifar", binary=True, fp_twin="resnet20_fp", recipe=recipes.IRNET_RESNET20)
 def resnet20_1w1a(num_classes=10):
     """Binary ResNet-20 (1-bit weights and activations), Bi-Real blocks, option-A shortcuts."""
     return ResNetCifar(20, num_classes, binary=True)
 
 
-@register_model
+@register_model("cifar", binary=False, fp_twin=None, recipe=recipes.IRNET_RESNET20)
 def resnet20_fp(num_classes=10):
     """Full-precision twin of :func:`resnet20_1w1a`."""
     return ResNetCifar(20, num_classes, binary=False)

@@ -2,11 +2,13 @@
 
 FP conv 3->128 + BN + hardtanh, then convolutions 128-128(pool)-256-256(pool)-512-512(pool), each
 followed by (pool,) BN, hardtanh; pooling comes before BN as in IR-Net. FP linear 8192 -> classes.
-Five binary convolutions, about 4.66 M parameters.
+Five binary convolutions, about 4.66 M parameters. Initialised as IR-Net's ``VGG_SMALL_1W1A``:
+fan-out normal convolutions, classifier ``N(0, 0.01^2)``.
 """
 import torch.nn as nn
 
-from models.layers import conv3x3, conv_layer, hardtanh, init_weights
+from models import recipes
+from models.layers import conv3x3, conv_layer, hardtanh, init_fan_out_normal
 from models.registry import register_model
 from modules import LCRTap
 
@@ -30,19 +32,19 @@ class VGGSmall(nn.Module):
         self.features = nn.Sequential(*layers)
         self.lcr_tap = LCRTap()
         self.fc = nn.Linear(_WIDTHS[-1] * 4 * 4, num_classes)
-        init_weights(self)
+        init_fan_out_normal(self, linear_std=0.01)
 
     def forward(self, x):
         return self.fc(self.lcr_tap(self.features(x)).flatten(1))
 
 
-@register_model
+@register_model("cifar", binary=True, fp_twin="vgg_small_fp", recipe=recipes.IRNET_VGG_SMALL)
 def vgg_small_1w1a(num_classes=10):
     """Binary VGG-Small (1-bit weights and activations in conv layers 2-6)."""
     return VGGSmall(num_classes, binary=True)
 
 
-@register_model
+@register_model("cifar", binary=False, fp_twin=None, recipe=recipes.IRNET_VGG_SMALL)
 def vgg_small_fp(num_classes=10):
     """Full-precision twin of :func:`vgg_small_1w1a`."""
     return VGGSmall(num_classes, binary=False)

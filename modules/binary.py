@@ -1,7 +1,7 @@
 """IR-Net binary convolution: the sign function with the EDE backward, and ``BinarizeConv2d``.
 
-Forward of a binary layer (METHOD.md section 1), for latent weight ``W`` (out, in, kh, kw) and real
-input activation ``a``::
+Forward of a binary layer (docs/METHOD.md section 1), for latent weight ``W`` (out, in, kh, kw) and
+real input activation ``a``::
 
     w_hat_o = (W_o - mean(W_o)) / std(W_o)              # balance + standardise each filter (Libra-PB)
     s_o     = 2 ** round(log2(mean(|w_hat_o|)))          # power-of-two scale, not differentiated
@@ -16,70 +16,85 @@ Backward of sign is IR-Net's error decay estimator (EDE), the derivative of ``k 
 with ``t = Tmin * (Tmax / Tmin) ** (epoch / epochs)`` and ``k = max(1 / t, 1)`` set once per epoch
 by :func:`set_ede_schedule` (Qin et al., "Forward and Backward Information Retention for Accurate
 Binary Neural Networks", CVPR 2020).
+
+A binary layer is its two signs, their EDE and its convolution, and nothing else. Whatever observes
+it (a loss built on its activations, a profiler) attaches forward hooks to the named input
+quantiser :attr:`BinarizeConv2d.input_quantizer` from outside.
 """
 import math
 
 import torch
 import torch.nn as nn
 
-__all__ = ["SignEDE", "binary_sign", "BinarizeConv2d", "ede_parameters", "set_ede_schedule"]
+from modules import speed
+
+__all__ = ["SignEDE", "binary_sign", "BinaryActivation", "BinarizeConv2d", "ede_parameters",
+           "set_ede_schedule"]
+
+
+def two_valued_sign(x):
+    """``where(x >= 0, 1, -1)`` in ``x``'s dtype: ``sign`` with ``sign(0) = +1``.
+
+    Speed trick: ``sign(sign(x) + 0.5)`` maps -0.0, 0 and every x > 0 to +1 and x < 0 to -1 in one
+    allocation (MEASURED_SIGN). ``tests/test_binary.py`` checks both paths on zeros, subnormals and
+    infinities.
+    """
+    if not speed.enabled():
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class SignEDE(torch.autograd.Function):
     """``y = sign(x)`` with ``sign(0) = +1``; backward ``dx = dy * k * t * (1 - tanh(t x)^2)``.
 
     ``t`` and ``k`` are 0-dim tensors (the layer's buffers), so changing them never recompiles or
-    reallocates anything. Call through :meth:`apply` (or :func:`binary_sign`).
-
-    ``extra``: optional object with ``add_to(grad) -> grad + more`` (or None), which the backward
-    calls on ``dy`` before the EDE factor; the Lipschitz regulariser adds its gradient with respect
-    to ``y`` this way, fused into this backward instead of a separate pass over ``dy``.
+    reallocates anything. Value at 0: +1; gradient at 0: ``k t``. Call through :meth:`apply`
+    (or :func:`binary_sign`).
     """
 
     @staticmethod
-    def forward(ctx, x, t, k, extra=None):
+    def forward(ctx, x, t, k):
         ctx.save_for_backward(x, t, k)
-        ctx.extra = extra
-        # sign(sign(x) + 0.5) maps -0.0, 0 and every x > 0 to +1, x < 0 to -1: the same tensor as
-        # where(x >= 0, 1, -1) (NaN stays NaN), in one allocation; on CPU about 4x faster
-        return torch.sign(x).add_(0.5).sign_()
+        return two_valued_sign(x)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, t, k = ctx.saved_tensors
-        # d = k t (1 - tanh(t x)^2), computed in place: two allocations in all instead of six
-        d = torch.mul(x, t.to(x.dtype)).tanh_()
-        d = d.mul_(d).sub_(1).mul_(-(k * t).to(x.dtype))
-        grad = ctx.extra.add_to(grad_out) if ctx.extra is not None else None
-        if grad is None:
-            return grad_out * d, None, None, None
-        return grad.mul_(d), None, None, None
+        # k t (1 - tanh(t x)^2) dL/dy, built in place on one fresh tensor (never on grad_out)
+        ede = torch.mul(x, t.to(x.dtype)).tanh_()
+        ede = ede.mul_(ede).sub_(1).mul_(-(k * t).to(x.dtype))
+        return ede.mul_(grad_out), None, None
 
 
-def binary_sign(x, t, k, extra=None):
+def binary_sign(x, t, k):
     """Functional form of :class:`SignEDE`: ``sign(x)`` in {-1, +1} with the EDE gradient."""
-    return SignEDE.apply(x, t, k, extra)
+    return SignEDE.apply(x, t, k)
+
+
+class BinaryActivation(nn.Module):
+    """The input quantiser of a :class:`BinarizeConv2d`: ``forward(x, t, k) = binary_sign(x, t, k)``.
+
+    It holds no state (``t`` and ``k`` are the layer's buffers, passed in), so it adds nothing to
+    state dicts. It exists as a named submodule so that observers can attach forward hooks to it:
+    a hook sees the layer's real input ``x`` and its signs.
+    """
+
+    def forward(self, x, t, k):
+        return binary_sign(x, t, k)
 
 
 class BinarizeConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose input and weight are binarised as in IR-Net (see the module docstring).
 
     Same constructor as ``nn.Conv2d``. Buffers ``t`` and ``k`` hold the EDE parameters (saved in
-    checkpoints, moved with ``.to()``). The layer hides nothing else: the Lipschitz regulariser
-    reads the layer's real input through :attr:`recorder`, a callable ``recorder(layer, x) -> x_bin``
-    that is ``None`` unless a :class:`modules.lcr.LipschitzRegularizer` is recording, so recording
-    costs nothing when it is off. (The regulariser takes the signs itself, with its gradient
-    attached to the sign's backward, and hands them back for the convolution.) ``lcr_chain`` says
-    whether the layer is on the main path that the regulariser follows (binary 1x1 shortcut
-    convolutions, if a model has any, set it to False).
+    checkpoints, moved with ``.to()``); ``input_quantizer`` takes the signs of the input.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("t", torch.tensor(1.0))
         self.register_buffer("k", torch.tensor(1.0))
-        self.lcr_chain = True
-        self.recorder = None
+        self.input_quantizer = BinaryActivation()
 
     def binary_weight(self):
         """``sign(w_hat) * s`` as a tensor of the weight's shape; differentiable through ``w_hat``."""
@@ -90,10 +105,7 @@ class BinarizeConv2d(nn.Conv2d):
         return (binary_sign(w_hat, self.t, self.k) * scale).view_as(self.weight)
 
     def forward(self, x):
-        if self.recorder is None:
-            x_bin = binary_sign(x, self.t, self.k)
-        else:
-            x_bin = self.recorder(self, x)
+        x_bin = self.input_quantizer(x, self.t, self.k)
         # nn.Conv2d's own path, so padding_mode ('zeros', 'reflect', ...) applies to the signs
         return self._conv_forward(x_bin, self.binary_weight(), self.bias)
 

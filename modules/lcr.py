@@ -1,84 +1,78 @@
 """The Lipschitz continuity retention regulariser (LCR) of LCR-BNN, paper form.
 
-For the binary layers ``1..K`` on a network's main path, let ``A^{k-1}`` be the real input of layer
-``k`` and ``A^K`` the real feature map that leaves the last binary block (METHOD.md section 3).
-For each consecutive pair ``X = A^{k-1}`` (B x C1 x H1 x W1), ``Y = A^k`` (B x C2 x H2 x W2)::
+For the binary layers ``1..K`` of a network, let ``A^{k-1}`` be the real input of layer ``k`` and
+``A^K`` the real feature map that leaves the last binary block (the model marks it with an
+:class:`LCRTap`); see docs/METHOD.md section 3. For each consecutive pair ``X = A^{k-1}``
+(B x C1 x H1 x W1), ``Y = A^k`` (B x C2 x H2 x W2)::
 
     X <- avg_pool(X) to H2 x W2          (only when H1 > H2)
     RM = X_flat @ Y_flat^T / N            N = H2 * W2, one C1 x C2 retention matrix per sample
 
 ``RM_F^k`` uses the real activations, ``RM_B^k`` their signs. The Lipschitz estimate of layer ``k``
-is the largest singular value ``sigma(RM)`` per sample, found by power iteration; the loss is::
+is the largest singular value ``sigma(RM)`` of each sample's matrix (:mod:`modules.singular`), and::
 
-    L_LCR = mean_k mean_batch (sigma(RM_B^k) / sigma(RM_F^k).detach() - 1) ** 2
+    r_kb  = sigma(RM_B^k[b]) / sigma(RM_F^k[b])                      (sigma_F detached)
+    L_LCR = 1 / (K B) * sum_k sum_b (r_kb - 1) ** 2
     L     = CE + alpha * LCR_SCALE * L_LCR
 
-The retention matrix never has to exist: ``RM v = X (Y^T v) / N`` and
-``sigma = u^T RM v = (X^T u) . (Y^T v) / N``, whose gradient is rank one. Power iteration runs
-without gradient (``u``, ``v`` are detached, so ``d sigma / d RM = u v^T`` exactly) on whichever of
-``RM`` or the factors ``X``, ``Y`` is cheaper, always in fp32.
+Its gradient, written out (``u``, ``v``: the top singular vectors of ``RM_B^k[b]``)::
+
+    d L_LCR / d sigma_B = 2 (r - 1) / (sigma_F K B)
+    d sigma_B / d RM_B  = u v^T
+    d sigma_B / d X_B   = u (Y_B^T v)^T / N      (spread evenly over each pooling window)
+    d sigma_B / d Y_B   = v (X_B^T u)^T / N
+
+:class:`LipschitzRegularizer` computes the value without an autograd graph and delivers this
+gradient, two small vectors per activation and pair, through a hook on each recorded sign
+activation when the backward pass reaches it; nothing activation-sized waits between the forward
+and the backward pass.
 """
 import contextlib
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from modules import speed
 from modules.binary import BinarizeConv2d, binary_sign
+from modules.singular import top_singular
 
-__all__ = ["LCR_SCALE", "LCRTap", "retention_matrix", "spectral_norm", "power_iteration",
-           "pair_sigma", "chain_sigmas", "LipschitzRegularizer"]
+__all__ = ["LCR_SCALE", "LCRTap", "retention_matrix", "top_singular_of_pairs", "LipschitzRegularizer"]
 
 # c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is about 0.17 (per-layer sigma_B/sigma_F
 # 1.2 .. 1.6) for both binary ResNet-20 (CIFAR) and ResNet-18 (ImageNet), so c = 0.06 puts the LCR
-# share of the total loss at the recommended --alpha 8 at 3.2 % for ResNet-20 (CE 2.5) and 1.2 % for
-# ImageNet ResNet-18 (CE 7.0); CIFAR ResNet-18 6.6 %, VGG-Small 10.4 %, ResNet-34 1.2 %
-# (python tools/lcr_share.py). A larger c fails in practice: with c = 0.2 (alpha * c = 1.6) the
-# LCR gradient in the first stage is about half of CE's at initialisation and binary ResNet-20 on
-# `digits` stayed below 25 % top-1 after 6 epochs, against 90 % with alpha * c = 0.4 or 0.1.
+# share of the total loss at the recommended --alpha 8 at a few per cent (python -m tools.lcr_share;
+# docs/RESULTS.md). With c = 0.2 the LCR gradient in the first stage was about half of CE's at
+# initialisation and binary ResNet-20 on `digits` stayed below 25 % top-1 after 6 epochs.
 LCR_SCALE = 0.06
-
-VARIANTS = ("paper", "official")
 
 
 class LCRTap(nn.Identity):
-    """Identity that marks the real feature map leaving a model's last binary block.
-
-    Models put it where that map is computed; the regulariser reads it while recording.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.recorder = None
-
-    def forward(self, x):
-        if self.recorder is not None:
-            self.recorder(self, x)
-        return x
+    """Identity that marks the real feature map leaving a model's last binary block (``A^K``)."""
 
 
 def fp32_math():
-    """A context in which autocast is off on every device, so the LCR math runs in fp32."""
+    """A context in which autocast is off on every device, so the LCR maths runs in fp32."""
     stack = contextlib.ExitStack()
     for device_type in ("cpu", "cuda"):
         stack.enter_context(torch.autocast(device_type, enabled=False))
     return stack
 
 
-def _pool_to(x, size):
-    """Average-pool ``x`` (B x C x H x W) to ``size`` (H2, W2); ``x`` must not be smaller."""
+def pool_to(x, size):
+    """Average-pool ``x`` (B x C x H x W) to ``size`` (H2, W2), as ``F.adaptive_avg_pool2d``.
+
+    Speed trick (MEASURED_POOL): when the windows tile ``x`` exactly, the pool is a sum of slices
+    (first whole input rows, then neighbours in a row).
+    """
     (h1, w1), (h2, w2) = x.shape[-2:], tuple(size)
     if (h1, w1) == (h2, w2):
         return x
     if h1 < h2 or w1 < w2:
         raise ValueError(f"retention matrix needs X at least as large as Y, got {tuple(x.shape)} vs {(h2, w2)}")
     fh, fw = h1 // h2, w1 // w2
-    if fh * h2 != h1 or fw * w2 != w1 or not x.is_contiguous():
+    if not speed.enabled() or fh * h2 != h1 or fw * w2 != w1 or not x.is_contiguous():
         return F.adaptive_avg_pool2d(x, (h2, w2))
-    # Whole-window pooling as sums of slices: first the fh input rows of each output row (whole
-    # contiguous rows), then the fw neighbours in a row. Equal to avg_pool2d up to rounding and
-    # several times faster on CPU.
     rows = x.reshape(-1, fh, w1)
     out = rows[:, 0] * (1.0 / (fh * fw))
     for i in range(1, fh):
@@ -90,237 +84,74 @@ def _pool_to(x, size):
     return pooled.view(*x.shape[:-2], h2, w2)
 
 
-def _factors(x, y):
-    """``(X_flat, Y_flat, N)``: X pooled to Y's spatial size, both flattened to B x C x N, fp32."""
-    x = _pool_to(x, y.shape[-2:])
-    return x.flatten(2).float(), y.flatten(2).float(), y.shape[-2] * y.shape[-1]
+def _flat_pair(x, y):
+    """``(X_flat, Y_flat, N)``: X pooled to Y's spatial size, both flattened to B x C x N, in fp32."""
+    return pool_to(x, y.shape[-2:]).flatten(2).float(), y.flatten(2).float(), y.shape[-2] * y.shape[-1]
 
 
 def retention_matrix(x, y):
-    """``RM = pool(X)_flat @ Y_flat^T / N``: B x C1 x C2 for X (B x C1 x H1 x W1), Y (B x C2 x H2 x W2).
-
-    X is average-pooled to H2 x W2 when H1 > H2; N = H2 * W2.
-    """
-    xf, yf, n = _factors(x, y)
+    """``RM = pool(X)_flat @ Y_flat^T / N``: B x C1 x C2 for X (B x C1 x H1 x W1), Y (B x C2 x H2 x W2)."""
+    xf, yf, n = _flat_pair(x, y)
     return torch.bmm(xf, yf.transpose(1, 2)) / n
 
 
-def power_iteration(matvec, rmatvec, shape, iters, device):
-    """Top singular vectors ``(u, v)`` (B x C1, B x C2, unit norm) of B matrices given as products.
+def top_singular_of_pairs(pairs, steps=None):
+    """``(sigma, u, v)`` of the retention matrix of every ``(X_flat, Y_flat, N)`` in ``pairs`` (a list).
 
-    ``matvec(v) = RM v`` and ``rmatvec(u) = RM^T u``. Starts from the all-ones ``u`` (no random
-    numbers, so training RNG streams are untouched) and alternates ``v = RM^T u / |.|``,
-    ``u = RM v / |.|`` ``iters`` times. Runs without gradient. (``v`` is normalised only at the
-    end: the direction of ``RM v`` does not depend on the scale of ``v``.)
+    The plain path forms each ``RM = X Y^T / N`` and calls :func:`modules.singular.top_singular` on
+    it. Speed trick (MEASURED_GROUP): matrices of the same shape are formed straight into one buffer
+    and solved in one call, which replaces dozens of small kernels by a few larger ones without a
+    copy.
     """
-    b, c1 = shape
-    with torch.no_grad():
-        u = torch.full((b, c1), 1.0 / math.sqrt(c1), device=device)
-        for _ in range(iters):
-            v = rmatvec(u)
-            u = matvec(v)
-            u = u.div_(u.norm(dim=1, keepdim=True).clamp_min_(1e-12))
-        v = v.div_(v.norm(dim=1, keepdim=True).clamp_min_(1e-12))
-    return u, v
-
-
-# On CPU the power iterations on explicit matrices run on chunks of about this many bytes, so that
-# the ``2 * iters`` passes over a chunk are served from the cache rather than from main memory.
-_CPU_CHUNK_BYTES = 2 << 20
-
-
-def _row_times(vec, mat):
-    """``vec_b^T mat_b`` for B x C vectors and B x C x D matrices (any strides): B x D.
-
-    The row-vector form is the fast batched matrix-vector product on CPU, also for a transposed
-    view of ``mat`` (the column form ``mat @ vec`` is several times slower there).
-    """
-    return torch.bmm(vec.unsqueeze(1), mat).squeeze(1)
-
-
-def _bilinear(u, rm, v):
-    """``u_b^T RM_b v_b`` for each b (differentiable in ``rm``)."""
-    return (_row_times(u, rm) * v).sum(dim=1)
-
-
-def _rm_power_iteration(rm, iters):
-    """:func:`power_iteration` on explicit matrices ``rm`` (B x C1 x C2): ``(u, v, sigma)``.
-
-    ``sigma = u^T RM v`` (B values). No gradient. On CPU the matrices are taken in cache-sized chunks.
-    """
-    b, c1, c2 = rm.shape
-    per = b if rm.device.type != "cpu" else max(1, _CPU_CHUNK_BYTES // (4 * c1 * c2))
-    out = []
-    with torch.no_grad():
-        for chunk in rm.split(per):
-            chunk_t = chunk.transpose(1, 2)
-            u, v = power_iteration(lambda v, m=chunk_t: _row_times(v, m), lambda u, m=chunk: _row_times(u, m),
-                                   (chunk.shape[0], c1), iters, rm.device)
-            out.append((u, v, _bilinear(u, chunk, v)))
-    if len(out) == 1:
-        return out[0]
-    return tuple(torch.cat(parts) for parts in zip(*out))
-
-
-def spectral_norm(rm, iters=5):
-    """Largest singular value of each matrix in ``rm`` (B x C1 x C2) by ``iters`` power iterations.
-
-    Returns B values ``sigma = u^T RM v`` with ``u``, ``v`` detached, so the gradient with respect
-    to ``RM`` is exactly ``u v^T`` (the gradient of the true norm when it has converged).
-    """
-    with fp32_math():
-        rm32 = rm.float()
-        u, v, _ = _rm_power_iteration(rm32.detach(), iters)
-        return _bilinear(u, rm32, v)
-
-
-def pair_sigma(x, y, iters=5):
-    """``sigma(retention_matrix(x, y))`` per sample without building RM when that is cheaper.
-
-    Equal (up to rounding) to ``spectral_norm(retention_matrix(x, y), iters)`` and with the same
-    gradient. The power iteration runs on RM or on the factors, whichever :func:`_explicit` says
-    is cheaper; ``sigma = (X^T u) . (Y^T v) / N`` is then evaluated on the factors (rank-one
-    gradient).
-    """
-    with fp32_math():
-        xf, yf, n = _factors(x, y)
-        with torch.no_grad():
-            if _explicit(xf.shape[1], yf.shape[1], n, iters):
-                u, v, _ = _rm_power_iteration(torch.bmm(xf, yf.transpose(1, 2)) / n, iters)
-            else:
-                u, v = _factor_power_iteration(xf, yf, n, iters)
-        return _rank_one_sigma(xf, yf, n, u, v)
-
-
-# Multiply-adds a matrix product does in the time it takes to stream one float from main memory:
-# about 8 on the 2-core CPU of the README's benchmark (25-50 GMAC/s in these products, 22 GB/s).
-# GPUs have a higher ratio, which only favours forming RM more often than this rule does.
-_MACS_PER_FLOAT = 8
-
-
-def _explicit(c1, c2, n, iters):
-    """Whether forming RM beats iterating on the factors X (C1 x N) and Y (C2 x N).
-
-    Forming RM is a matrix product of ``N C1 C2`` multiply-adds, after which each of the
-    ``2 iters`` products reads RM (``C1 C2`` floats); on the factors each product reads X and Y,
-    ``N (C1 + C2)`` floats. The products are memory-bound, the formation is not.
-    """
-    passes = 2 * iters * _MACS_PER_FLOAT
-    return c1 * c2 * (n + passes) <= passes * n * (c1 + c2)
-
-
-def _projections(xf, yf, u, v):
-    """``(X^T u, Y^T v)``: B x N each."""
-    return _row_times(u, xf), _row_times(v, yf)
-
-
-def _rank_one_sigma(xf, yf, n, u, v):
-    """``sigma = (X^T u) . (Y^T v) / N`` with ``u``, ``v`` fixed: the gradient is rank one."""
-    xu, yv = _projections(xf, yf, u, v)
-    return (xu * yv).sum(dim=1) / n
-
-
-def _pair_power_iterations(signs, reals, iters):
-    """Top singular vectors of ``RM_B^k`` and ``sigma(RM_F^k)`` for every consecutive pair, no gradient.
-
-    Retention matrices that are cheaper to form than to iterate on are formed once, straight
-    into one buffer per shape, and the power iterations of all matrices of a shape (binary and
-    real alike, all pairs) run as one batched iteration; the real side's sigma is read off its
-    matrix. Pairs of wide layers with few positions iterate on the factors.
-    Returns ``(factors_b, uv_b, sig_f)``: lists over pairs of the binary factors ``(X, Y, N)``,
-    of ``(u, v)`` and of B values.
-    """
-    k_pairs = len(signs) - 1
-    uv_b, sig_f = [None] * k_pairs, [None] * k_pairs
-    factors_b = [_factors(signs[k], signs[k + 1]) for k in range(k_pairs)]
+    if not speed.enabled():
+        return [top_singular(torch.bmm(x, y.transpose(1, 2)) / n, steps) for x, y, n in pairs]
     groups = {}
-    for k in range(k_pairs):
-        fb = factors_b[k]
-        ff = _factors(reals[k], reals[k + 1])
-        c1, c2, n = fb[0].shape[1], fb[1].shape[1], fb[2]
-        if _explicit(c1, c2, n, iters):
-            groups.setdefault((c1, c2), []).extend([(k, "b", fb), (k, "f", ff)])
-        else:
-            uv_b[k] = _factor_power_iteration(*fb, iters)
-            sig_f[k] = _rank_one_sigma(*ff, *_factor_power_iteration(*ff, iters))
+    for i, (x, y, _) in enumerate(pairs):
+        groups.setdefault((x.shape[1], y.shape[1]), []).append(i)
+    out = [None] * len(pairs)
     for (c1, c2), members in groups.items():
-        b = members[0][2][0].shape[0]
-        rms = members[0][2][0].new_empty(len(members) * b, c1, c2)
-        for i, (_, _, (x, y, n)) in enumerate(members):
-            torch.bmm(x, y.transpose(1, 2), out=rms[i * b:(i + 1) * b]).mul_(1.0 / n)
-        u, v, sig = _rm_power_iteration(rms, iters)
-        for i, (k, side, _) in enumerate(members):
-            part = slice(i * b, (i + 1) * b)
-            if side == "b":
-                uv_b[k] = (u[part], v[part])
-            else:
-                sig_f[k] = sig[part]
-    return factors_b, uv_b, sig_f
+        sizes = [pairs[i][0].shape[0] for i in members]
+        buffer = pairs[members[0]][0].new_empty(sum(sizes), c1, c2)
+        for i, part in zip(members, buffer.split(sizes)):
+            x, y, n = pairs[i]
+            torch.bmm(x, y.transpose(1, 2), out=part).mul_(1.0 / n)
+        for i, triplet in zip(members, zip(*(t.split(sizes) for t in top_singular(buffer, steps)))):
+            out[i] = triplet
+    return out
 
 
-def _factor_power_iteration(xf, yf, n, iters):
-    """Power iteration on ``RM = X Y^T / N`` through the factors, never forming RM."""
-    xt, yt = xf.transpose(1, 2), yf.transpose(1, 2)
-    return power_iteration(lambda v: _row_times(_row_times(v, yf), xt) / n,
-                           lambda u: _row_times(_row_times(u, xf), yt) / n,
-                           (xf.shape[0], xf.shape[1]), iters, xf.device)
+class _RankOneGrad:
+    """The LCR gradient with respect to one recorded sign activation, kept as outer products.
 
-
-def chain_sigmas(signs, reals, iters=5):
-    """``sigma(RM_B^k)`` and ``sigma(RM_F^k)`` for every consecutive pair of a chain, K x B each, no gradient.
-
-    ``signs`` and ``reals`` are the chain ``A^0 .. A^K`` (binary and real). Equal, pair by pair, to
-    :func:`pair_sigma` (which is the plain, differentiable reference).
-    """
-    with torch.no_grad(), fp32_math():
-        factors_b, uv_b, sig_f = _pair_power_iterations(signs, reals, iters)
-        sig_b = [_rank_one_sigma(*factors_b[k], *uv_b[k]) for k in range(len(uv_b))]
-    return torch.stack(sig_b), torch.stack(sig_f)
-
-
-class _DeferredGrad:
-    """The LCR gradient with respect to one recorded binary activation, kept as rank-one factors.
-
-    ``d sigma / d X = u (Y^T v)^T / N`` and ``d sigma / d Y = v (X^T u)^T / N`` per sample, so the
-    gradient of ``L_LCR`` with respect to a binary activation is a sum of outer products of small
-    vectors. The sign's backward (:class:`modules.binary.SignEDE`) adds them to the activation's
-    incoming gradient when the backward pass reaches it, instead of 2K activation-sized gradients
-    waiting from the start of the backward pass.
+    Its ``terms`` are ``(left B x C, right B x N, spatial size of the term)``, each the gradient
+    ``left_b right_b^T`` of one pair (the module docstring's ``u (Y^T v)^T / N`` or ``v (X^T u)^T / N``,
+    already multiplied by ``d L_LCR / d sigma_B``). Called as a tensor hook on the sign activation, it
+    returns the incoming gradient plus ``scale`` times the sum of its terms; ``scale`` is
+    ``d total / d L_LCR``, set when the backward pass leaves the loss (:class:`_LCRLoss`).
     """
 
-    def __init__(self):
-        self.terms = []          # (coef B, vec_c B x C, vec_n B x N, spatial size of the term)
-        self.scale = None        # d total / d L_LCR, set by the loss node's backward
+    def __init__(self, terminal):
+        self.terms = []
+        self.scale = None
+        self.terminal = terminal  # nothing but the LCR loss consumes this activation (the tap's signs)
 
-    def add_to(self, grad):
-        """``grad`` plus this activation's LCR gradient, all its outer products in one kernel, or None
-        when there is nothing to add (no loss() call, or a backward pass that does not come from the
-        LCR loss).
-
-        A contiguous fp32 ``grad`` is updated in place and returned: it is the fresh gradient that
-        autograd hands to the sign's backward, which nothing else holds (the LCR loss node
-        contributes no tensor of its own to this activation).
-        """
+    def __call__(self, grad):
         if self.scale is None or not self.terms:
-            return None
+            return None          # a backward pass that does not come from the LCR loss
         b, c = grad.shape[:2]
         size = tuple(grad.shape[-2:])
         lefts, rights = [], []
-        for coef, vec_c, vec_n, term_size in self.terms:
-            lefts.append((coef * self.scale)[:, None] * vec_c)
+        for left, right, term_size in self.terms:
             if tuple(term_size) != size:  # X was average-pooled: spread evenly over each window
-                vec_n = _unpool(vec_n.view(b, 1, *term_size), size).view(b, -1)
-            rights.append(vec_n)
-        left, right = torch.stack(lefts, 2), torch.stack(rights, 1)
-        if grad.dtype == torch.float32 and grad.is_contiguous():
-            grad.view(b, c, -1).baddbmm_(left, right)
-            return grad
-        out = torch.baddbmm(grad.reshape(b, c, -1).float(), left, right)
-        return out.view(grad.shape).to(grad.dtype)
+                right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
+            lefts.append(left * self.scale)
+            rights.append(right)
+        dense = torch.baddbmm(grad.reshape(b, c, -1).float(), torch.stack(lefts, 2), torch.stack(rights, 1))
+        return dense.view(grad.shape).to(grad.dtype)
 
 
 def _unpool(grad, size):
-    """Gradient of ``adaptive_avg_pool2d`` to ``grad``'s spatial size, from input size ``size``."""
+    """Gradient of ``adaptive_avg_pool2d`` from ``grad``'s spatial size back to input size ``size``."""
     h, w = size
     fh, fw = h // grad.shape[-2], w // grad.shape[-1]
     if fh * grad.shape[-2] == h and fw * grad.shape[-1] == w:
@@ -328,24 +159,27 @@ def _unpool(grad, size):
     return torch.ops.aten._adaptive_avg_pool2d_backward(grad, grad.new_empty(*grad.shape[:2], h, w))
 
 
-class _LCRLossNode(torch.autograd.Function):
-    """Returns the precomputed ``L_LCR`` value; its backward hands ``d total / d L_LCR`` to the slots.
+class _LCRLoss(torch.autograd.Function):
+    """Returns the precomputed ``L_LCR``; its backward hands ``d total / d L_LCR`` to the slots.
 
-    The recorded activations are inputs only so that the backward pass reaches their
-    sign nodes, whose backward then adds the actual gradient (:class:`modules.binary.SignEDE`).
+    The recorded sign activations are inputs so that the backward pass reaches them only after this
+    node, when every slot knows its scale. An activation that only the LCR consumes (the tap's
+    signs) gets a zero gradient here, so that its hook runs at all.
     """
 
     @staticmethod
-    def forward(ctx, slots, value, *anchors):
+    def forward(ctx, slots, value, *signs):
         ctx.slots = slots
-        ctx.n_anchors = len(anchors)
+        ctx.shapes = [(s.shape, s.dtype, s.device) if slot.terminal else None for slot, s in zip(slots, signs)]
         return value.clone()
 
     @staticmethod
     def backward(ctx, grad):
         for slot in ctx.slots:
             slot.scale = grad.float()
-        return (None, None) + (None,) * ctx.n_anchors
+        zeros = [None if meta is None else torch.zeros(meta[0], dtype=meta[1], device=meta[2])
+                 for meta in ctx.shapes]
+        return (None, None, *zeros)
 
 
 class LipschitzRegularizer:
@@ -353,43 +187,34 @@ class LipschitzRegularizer:
 
     Usage::
 
-        reg = LipschitzRegularizer(model, variant="paper", iters=5)
+        reg = LipschitzRegularizer(model)
         with reg.record():
             logits = model(x)
-        loss = ce + alpha * LCR_SCALE * reg.loss()
-        reg.stats()            # per-layer mean sigma_B / sigma_F of the last loss() call
+        lcr, logs = reg.loss()          # logs["sigma_ratio"]: per-layer mean sigma_B / sigma_F
+        total = ce + alpha * reg.weight_scale * lcr
 
-    ``variant="paper"``: the module docstring's loss over every main-path :class:`BinarizeConv2d`
-    (``lcr_chain`` True) and the model's :class:`LCRTap`. Outside :meth:`record` no hook is
-    installed and nothing is kept, so alpha = 0 training pays nothing. Works through DataParallel
-    (activations are grouped per device, each replica's chain in forward order) and DDP.
-    The training loss is ``CE + alpha * weight_scale * loss()`` with ``weight_scale = LCR_SCALE``.
-
-    ``loss()`` computes its value without building an autograd graph of its own. Its gradient,
-    which is exactly that of the formula above (``u``, ``v`` fixed, ``sigma_F`` detached), is
-    added to each binary activation when the backward pass reaches it, so the regulariser holds
-    only a few vectors per layer between the forward and the backward pass.
+    The chain is the input of every :class:`BinarizeConv2d` (in forward order) and the output of
+    the model's :class:`LCRTap`, recorded by forward hooks on each layer's ``input_quantizer``
+    that exist only inside :meth:`record`: with ``--alpha 0`` nothing is recorded and nothing is
+    computed. Works through DataParallel (activations are grouped per device, each replica's
+    chain in forward order) and DDP.
     """
 
     weight_scale = LCR_SCALE
 
-    def __init__(self, model, variant="paper", iters=5):
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown LCR variant {variant!r}; choose from {', '.join(VARIANTS)}")
-        if variant != "paper":
-            raise ValueError("the official LCR form is modules.lcr_official.OfficialLCR")
-        if iters < 1:
-            raise ValueError(f"power iterations must be >= 1, got {iters}")
-        self.variant = variant
-        self.iters = iters
-        self.layers = [m for m in model.modules()
-                       if (isinstance(m, BinarizeConv2d) and m.lcr_chain) or isinstance(m, LCRTap)]
-        convs = [m for m in self.layers if isinstance(m, BinarizeConv2d)]
-        if not convs:
-            raise ValueError("LipschitzRegularizer needs a model with BinarizeConv2d layers")
+    def __init__(self, model, steps=None):
+        if steps is not None and steps < 1:
+            raise ValueError(f"block power steps must be >= 1, got {steps}")
+        self.steps = steps           # None: the size-dependent default of modules.singular
+        convs = [m for m in model.modules() if isinstance(m, BinarizeConv2d)]
+        taps = [m for m in model.modules() if isinstance(m, LCRTap)]
+        if not convs or len(taps) != 1:
+            raise ValueError(f"LipschitzRegularizer needs a model with BinarizeConv2d layers and one LCRTap, "
+                             f"got {len(convs)} and {len(taps)}")
+        self.quantizers = [m.input_quantizer for m in convs]
+        self.tap = taps[0]
         self._last_conv = convs[-1]
         self._records = {}
-        self._ratios = None
 
     def parameters(self):
         """The paper form has no trainable parameters of its own."""
@@ -399,70 +224,69 @@ class LipschitzRegularizer:
         return {}
 
     def load_state_dict(self, state):
-        """Nothing to restore (kept for symmetry with the official form)."""
+        """Nothing to restore (the official form has gamma)."""
 
-    def _record(self, module, x):
-        """The recorder: the signs of ``x`` with this activation's LCR gradient slot attached."""
-        owner = module if isinstance(module, BinarizeConv2d) else self._last_conv
-        slot = _DeferredGrad()
-        x_bin = binary_sign(x, owner.t.to(x.device), owner.k.to(x.device), slot)
+    def _keep(self, x, x_bin, terminal):
+        slot = _RankOneGrad(terminal)
+        if x_bin.requires_grad:
+            x_bin.register_hook(slot)
         self._records.setdefault(x.device, []).append((x, x_bin, slot))
-        return x_bin
+
+    def _on_sign(self, module, inputs, x_bin):
+        self._keep(inputs[0], x_bin, terminal=False)
+
+    def _on_tap(self, module, inputs, out):
+        x = inputs[0]
+        last = self._last_conv
+        self._keep(x, binary_sign(x, last.t.to(x.device), last.k.to(x.device)), terminal=True)
 
     @contextlib.contextmanager
     def record(self):
-        """Install recorders on the chain's layers for the duration of the block."""
+        """Hook the chain's layers for the duration of the block."""
         self._records = {}
-        for m in self.layers:
-            m.recorder = self._record
+        handles = [q.register_forward_hook(self._on_sign) for q in self.quantizers]
+        handles.append(self.tap.register_forward_hook(self._on_tap))
         try:
             yield self
         finally:
-            for m in self.layers:
-                m.recorder = None
+            for h in handles:
+                h.remove()
 
     def loss(self):
-        """Unweighted ``L_LCR`` (scalar tensor with gradient) from the last recorded forward pass."""
+        """``(L_LCR, logs)`` of the last recorded forward pass: a scalar with the gradient of the
+        module docstring, and ``{"sigma_ratio": per-layer mean sigma_B / sigma_F}`` (detached)."""
         if not self._records:
             raise RuntimeError("LipschitzRegularizer.loss() needs a forward pass inside record()")
-        total = sum(len(chain[0][0]) for chain in self._records.values())
-        out_device = next(iter(self._records))
-        ratios, slots, anchors = [], [], []
+        chains, self._records = list(self._records.values()), {}
+        if any(len(chain) < 2 for chain in chains):
+            raise RuntimeError("the LCR chain needs at least two recorded activations")
+        out = chains[0][0][0].device
+        total = sum(len(chain[0][0]) for chain in chains)
         with torch.no_grad(), fp32_math():
-            for chain in self._records.values():
-                if len(chain) < 2:
-                    raise RuntimeError("the LCR chain needs at least two recorded activations")
-                ratios.append(self._chain_terms(chain, total).to(out_device))
-                slots += [slot for _, _, slot in chain]
-                anchors += [x_bin for _, x_bin, _ in chain]
-            ratio = torch.cat(ratios, dim=1)
+            ratio = torch.cat([self._chain_ratios(chain, total).to(out) for chain in chains], dim=1)
             value = ((ratio - 1) ** 2).mean()
-        self._records = {}
-        self._ratios = ratio.mean(dim=1)
-        return _LCRLossNode.apply(slots, value, *anchors)
+        slots = [slot for chain in chains for _, _, slot in chain]
+        signs = [x_bin for chain in chains for _, x_bin, _ in chain]
+        return _LCRLoss.apply(slots, value, *signs), {"sigma_ratio": ratio.mean(dim=1)}
 
-    def _chain_terms(self, chain, total):
-        """Ratios ``sigma_B / sigma_F`` (K x B) of one device's chain; fills the chain's gradient slots."""
-        reals = [x.float() for x, _, _ in chain]
-        signs = [xb.float() for _, xb, _ in chain]
-        factors_b, uv_b, sig_f = _pair_power_iterations(signs, reals, self.iters)
+    def _chain_ratios(self, chain, total):
+        """``sigma_B / sigma_F`` (K x B) of one device's chain; gives each slot its gradient terms."""
+        reals = [x for x, _, _ in chain]
+        signs = [x_bin for _, x_bin, _ in chain]
         k_pairs = len(chain) - 1
+        pairs_b = [_flat_pair(signs[k], signs[k + 1]) for k in range(k_pairs)]
+        pairs_f = [_flat_pair(reals[k], reals[k + 1]) for k in range(k_pairs)]
+        solved = top_singular_of_pairs(pairs_b + pairs_f, self.steps)
         ratios = []
-        for k in range(k_pairs):
-            xf, yf, n = factors_b[k]
-            u, v = uv_b[k]
-            xu, yv = _projections(xf, yf, u, v)
-            sig_b = (xu * yv).sum(dim=1) / n
-            denom = sig_f[k].clamp_min(1e-12)
-            ratio = sig_b / denom
-            # d L / d sigma_B for L = mean over K pairs and all `total` samples of (ratio - 1)^2
-            coef = 2 * (ratio - 1) / denom / (k_pairs * total) / n
+        for k, ((xf, yf, n), (sigma_b, u, v), (sigma_f, _, _)) in enumerate(
+                zip(pairs_b, solved[:k_pairs], solved[k_pairs:])):
+            sigma_f = sigma_f.clamp_min(1e-12)
+            ratio = sigma_b / sigma_f
+            d_sigma_b = 2 * (ratio - 1) / (sigma_f * k_pairs * total)
             size = signs[k + 1].shape[-2:]
-            chain[k][2].terms.append((coef, u, yv, size))
-            chain[k + 1][2].terms.append((coef, v, xu, size))
+            y_v = torch.bmm(v.unsqueeze(1), yf).squeeze(1) / n       # Y_B^T v / N, B x N
+            x_u = torch.bmm(u.unsqueeze(1), xf).squeeze(1) / n       # X_B^T u / N, B x N
+            chain[k][2].terms.append((d_sigma_b[:, None] * u, y_v, size))
+            chain[k + 1][2].terms.append((d_sigma_b[:, None] * v, x_u, size))
             ratios.append(ratio)
         return torch.stack(ratios)
-
-    def stats(self):
-        """Per-layer mean ``sigma_B / sigma_F`` (K values, detached) of the last :meth:`loss` call."""
-        return self._ratios

@@ -1,9 +1,16 @@
 """The LCR loss as the authors' released ImageNet code computes it (``--lcr_variant official``).
 
-Features (METHOD.md section 4): the stage outputs ``layer1..layerS`` of the binary network, taken
-from the main forward pass, hardtanh'd and scaled by learnable scalars ``gamma[i]``; and the
-hardtanh'd stage outputs of a separate frozen full-precision network run (eval mode, no gradient)
-on the same batch. For consecutive stages ``i, i+1``::
+What the released code (42Shawn/LCR_BNN, ``LCR/imagenet/LCR.py`` and ``main.py``) computes, and
+what this module computes (docs/METHOD.md section 4):
+
+- Binary features: the stage outputs ``layer1..layerS`` of the binary ResNet, hardtanh'd and
+  scaled by learnable scalars ``gamma[i]`` (released: ``scaleable_feature(x, preReLU=False)``).
+- FP features: the stage outputs of a separate frozen full-precision ResNet, **ReLU'd**
+  (released: ``extract_feature(x, preReLU=False)``: its blocks end without a ReLU and the extractor
+  applies ``F.relu``). Our torchvision-style FP ResNets end each block with a ReLU, so the ReLU is a
+  no-op there and the features are the released ones; on the CIFAR FP twins (blocks end in
+  hardtanh) it keeps the non-negative part, as the released extractor would.
+- For consecutive stages ``i, i+1``::
 
     RM_i  = retention_matrix(feat_i, feat_{i+1})                 (B x C_i x C_{i+1})
     K_i   = RM_i @ RM_i^T
@@ -12,9 +19,14 @@ on the same batch. For consecutive stages ``i, i+1``::
     L     = sum_i MSE(est_B_i, est_F_i) / 2 ** (S - 1 - i)        i = 0 .. S-2
     loss  = CE + alpha * L / batch_size / 10000
 
-Bugs of the released script that are fixed here: the binary features come from the forward pass
-that produces the logits (it ran the binary network a second time), the FP network runs in eval
-mode under ``no_grad``, and its weights are chosen explicitly (it silently used a random ResNet-34).
+Where this project deliberately differs from the released script: the binary features come from
+the forward pass that produces the logits (it ran the binary network a second time, in training
+mode, so BatchNorm statistics moved twice per step; the loss value and gradients are the same),
+the FP network runs in eval mode under ``no_grad`` (the released code left it in training mode
+unless ``model_fp.eval()`` was called elsewhere; it is not), and several devices work (the released
+code crashed with DataParallel). The released default FP network is torchvision's
+ImageNet-pretrained ResNet-18 (``resnet18_fp(pretrained=True)``); pass ``--fp_pretrained`` or
+``--fp_weights FILE`` to use it (``utils/regularizers.py``).
 """
 import contextlib
 import re
@@ -75,7 +87,7 @@ class OfficialLCR:
     """Released-code LCR with the fixes listed in the module docstring.
 
     Same protocol as :class:`modules.lcr.LipschitzRegularizer`: ``with reg.record(): logits =
-    model(x)``, then ``reg.loss()``. ``loss()`` already includes ``1 / (batch_size * 10000)``, so
+    model(x)``, then ``lcr, logs = reg.loss()``. ``loss()`` already includes ``1 / (batch_size * 10000)``, so
     the training loop multiplies it by ``alpha * weight_scale`` with ``weight_scale = 1``.
     ``gamma`` (one scalar per stage) is trained with the network: add :meth:`parameters` to the
     optimizer and keep :meth:`state_dict` in checkpoints.
@@ -96,7 +108,6 @@ class OfficialLCR:
         self.gamma = nn.Parameter(torch.ones(len(self.stages), device=device))
         self.batch_size = batch_size
         self._records = {}
-        self._ratios = None
 
     def parameters(self):
         return [self.gamma]
@@ -130,7 +141,7 @@ class OfficialLCR:
                 h.remove()
 
     def fp_features(self, x):
-        """Hardtanh'd stage outputs of the frozen FP network on ``x`` (no gradient, eval mode)."""
+        """ReLU'd stage outputs of the frozen FP network on ``x`` (no gradient, eval mode)."""
         feats = {}
         hooks = [s.register_forward_hook(lambda m, a, out, i=i: feats.__setitem__(i, out))
                  for i, s in enumerate(self.fp_stages)]
@@ -142,10 +153,11 @@ class OfficialLCR:
             for h in hooks:
                 h.remove()
         # in place: the stage outputs are ours alone and need no gradient
-        return [F.hardtanh_(feats[i].float()) for i in range(len(self.fp_stages))]
+        return [F.relu_(feats[i].float()) for i in range(len(self.fp_stages))]
 
     def loss(self):
-        """``sum_i MSE(est_B_i, est_F_i) / 2**(S-1-i) / (batch_size * 10000)`` of the last forward pass."""
+        """``(loss, logs)``: ``sum_i MSE(est_B_i, est_F_i) / 2**(S-1-i) / (batch_size * 10000)`` of the
+        last forward pass, and no per-layer logs (this form has no sigma ratios)."""
         if not self._records:
             raise RuntimeError("OfficialLCR.loss() needs a forward pass inside record()")
         devices = sorted(self._records, key=lambda d: (d.type, d.index or 0))
@@ -157,8 +169,4 @@ class OfficialLCR:
             feats_f = self.fp_features(x)
             loss = official_loss(feats_b, feats_f, self.gamma.to(out)) / (self.batch_size * OFFICIAL_DIVISOR)
         self._records = {}
-        return loss
-
-    def stats(self):
-        """Per-stage gamma values (the official form has no per-layer sigma ratios)."""
-        return None
+        return loss, {}

@@ -220,6 +220,34 @@ def fake_cifar_run(tmp_path_factory):
     return {"result": result, "folder": results / "resnet20_1w1a_a8"}
 
 
+# --- in-process helpers -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module: the tests share two busy cores with other jobs, where tiny
+    tensors run several times faster on one thread than on two."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randomise_batch_norms(model, mean_std=0.2, var=(0.5, 1.5), weight=(0.5, 1.5), bias_mean=0.0, bias_std=0.2):
+    """Give every BatchNorm non-trivial statistics and affine parameters, so eval outputs use all of them."""
+    import torch
+    import torch.nn as nn
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.running_mean.normal_(0, mean_std)
+                m.running_var.uniform_(*var)
+                m.weight.uniform_(*weight)
+                m.bias.normal_(bias_mean, bias_std)
+    return model
+
+
 # --- several script runs at once ------------------------------------------------------------------------
 
 BACKGROUND_WIDTH = 2  # one single-threaded run per core

@@ -164,8 +164,9 @@ def test_interrupted_run_is_resumed(grid_run):
 # --- without training: run folders written here ------------------------------------------------------
 
 
-def write_run(runs_dir, save, alpha, seed, variant, top1, shares, epochs=3, checkpoint=False):
-    """A run folder as the trainer leaves it: args.json and a summary.csv row per value of ``top1``."""
+def write_run(runs_dir, save, alpha, seed, variant, top1, shares, epochs=3):
+    """A run folder as the trainer leaves it: args.json, a summary.csv row per value of ``top1`` and a
+    checkpoint (empty here: only its presence is read)."""
     folder = runs_dir / f"{MODEL}{save}"
     folder.mkdir(parents=True)
     args = {"alpha": alpha, "seed": seed, "epochs": epochs, "dataset": "fake", "model": MODEL,
@@ -177,8 +178,7 @@ def write_run(runs_dir, save, alpha, seed, variant, top1, shares, epochs=3, chec
         for epoch, (acc, share) in enumerate(zip(top1, shares)):
             best = max(top1[:epoch + 1])
             writer.writerow([epoch, share, acc, acc + 10, best, best + 10])
-    if checkpoint:
-        (folder / "checkpoint.pth.tar").write_bytes(b"")
+    (folder / "checkpoint.pth.tar").write_bytes(b"")
     return folder
 
 
@@ -195,7 +195,7 @@ def test_table_mean_and_std_match_the_csv(tmp_path, capsys):
         alpha = 0 if form == "irnet" else 4
         shares = [0.0] * 3 if alpha == 0 else [0.05 * seed, 0.02, 0.01]
         write_run(runs, f"_{form}_a{alpha}_s{seed}", float(alpha), seed, "paper" if form == "irnet" else form,
-                  top1, shares[:len(top1)], checkpoint=len(top1) < 3)
+                  top1, shares[:len(top1)])
     code = ablate_alpha.main(["--table_only", "--out", str(tmp_path), *HAND_ARGV])
     assert code == 0, capsys.readouterr().out
 

@@ -99,14 +99,18 @@ def _run_case(case):
     return run_main(script, *flags), kind, mentions
 
 
-def _resume_a_killed_run(results, *flags):
-    """Kill a fake run after its first checkpoint, then resume it with ``flags`` added; returns the
-    resumed run's result, the run folder and the bytes of the checkpoint it resumed from."""
+def _resume_a_killed_run(results):
+    """Kill a fake run after its first checkpoint, scale its classifier to 1e38 (finite, but the logits
+    overflow), then resume it; returns the resumed run's result, the run folder and the bytes of the
+    checkpoint it resumed from."""
     started = (*FAKE_FLAGS, *COMMON_FLAGS, *NO_LIP, "--epochs", "5", "--results_dir", results)
     folder = results / "resnet20_1w1a"
     kill_after_first_checkpoint(start_main(CIFAR_MAIN, *started), folder / "checkpoint.pth.tar")
+    state = torch.load(folder / "checkpoint.pth.tar", weights_only=True)
+    state["state_dict"]["fc.weight"] *= 1e38
+    torch.save(state, folder / "checkpoint.pth.tar")
     before = (folder / "checkpoint.pth.tar").read_bytes()
-    return run_main(CIFAR_MAIN, *started, *flags, "--resume"), folder, before
+    return run_main(CIFAR_MAIN, *started, "--resume"), folder, before
 
 
 def _run_on_a_copy(source, results, *flags):
@@ -123,9 +127,9 @@ def runs(request, tmp_path_factory):
     """Every run of this module by name, started with the module; only the selected tests' runs."""
     tmp = tmp_path_factory.mktemp("cli_errors")
     background = Background(selected_uses(request))
-    # A resumed run must keep its schedule flags (--lr among them), so an alpha beyond float32's range
-    # is what makes the first loss of the resumed epoch infinite.
-    background.submit("non-finite loss", _resume_a_killed_run, tmp / "non_finite", "--alpha", "1e40")
+    # A resumed run keeps all its flags, so weights that overflow the logits (written into its
+    # checkpoint) are what makes the first loss of the resumed epoch infinite.
+    background.submit("non-finite loss", _resume_a_killed_run, tmp / "non_finite")
     background.submit("gpus without gpu", run_main, CIFAR_MAIN, *TINY_FAKE, "--gpus", "3", "-j", "0", "-p", "1",
                       *NO_LIP, "--epochs", "1", "--results_dir", tmp / "gpus")
     for name, case in _data_and_flag_cases(tmp).items():

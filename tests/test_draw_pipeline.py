@@ -1,24 +1,18 @@
-"""The method figure script writes a valid, non-blank ~1600x900 JPEG."""
-import importlib.util
+"""The method figure tool writes a valid, non-blank ~1600x900 JPEG, and only over its own figure."""
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                      "draw_pipeline.py")
+from tools import draw_pipeline
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("draw_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_draw_pipeline_writes_jpeg(tmp_path):
     out = tmp_path / "p.jpg"
-    _load_script().main(["--out", out])
+    draw_pipeline.main(["--out", out])
 
     assert out.is_file()
     with Image.open(out) as im:
@@ -31,9 +25,14 @@ def test_draw_pipeline_writes_jpeg(tmp_path):
     assert pixels.std() > 15.0, pixels.std()
     # Something dark (text, arrows) and a white background are both present.
     assert pixels.min() < 60 and pixels.max() > 240
+    draw_pipeline.main(["--out", out])                      # its own figure: replaced
 
 
-def test_default_out_is_project_root():
-    module = _load_script()
-    root = os.path.dirname(os.path.dirname(SCRIPT))
-    assert os.path.abspath(module.DEFAULT_OUT) == os.path.join(root, "pipeline.jpg")
+def test_default_out_is_the_committed_figure_and_foreign_files_are_kept(tmp_path):
+    assert os.path.abspath(draw_pipeline.DEFAULT_OUT) == os.path.join(ROOT, "pipeline.jpg")
+    foreign = tmp_path / "photo.jpg"
+    Image.new("RGB", (8, 8)).save(foreign)
+    before = foreign.read_bytes()
+    with pytest.raises(SystemExit):
+        draw_pipeline.main(["--out", foreign])
+    assert foreign.read_bytes() == before

@@ -20,13 +20,7 @@ CORRUPTIONS = ("fog", "gaussian_noise")
 MODEL = "resnet20_1w1a"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared, busy CPU these tiny batches then run about ten times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _training_checkpoint(model, num_classes):
@@ -144,7 +138,8 @@ def test_bare_state_dict_shared_labels_and_default_output(cifar_c, tmp_path):
     preds = cifar_c["preds"]["fog"]
     expected = [int((preds[(s - 1) * PER_SEVERITY:s * PER_SEVERITY] == shared).sum()) for s in range(1, 6)]
     assert results["corruptions"]["fog"]["correct"] == expected
-    assert (tmp_path / "corruptions_cifar10.json").is_file() and (tmp_path / "corruptions_cifar10.csv").is_file()
+    assert (tmp_path / "weights_corruptions_cifar10.json").is_file()
+    assert (tmp_path / "weights_corruptions_cifar10.csv").is_file()
 
 
 def test_corruption_errors_by_hand():
@@ -181,15 +176,16 @@ def imagenet_c(tmp_path_factory):
     return {"data": root / "ImageNet-C", "ckpt": ckpt, "model": model, "root": root}
 
 
-def test_imagenet_c_layout(imagenet_c, tmp_path):
+def test_imagenet_c_layout_and_hendrycks_preprocessing(imagenet_c, tmp_path):
     out = tmp_path / "inc.json"
     results = _run("--dataset", "imagenet", "--data_path", imagenet_c["data"], "--checkpoint", imagenet_c["ckpt"],
-                   "--image_size", 32, "--resize", 36, "--workers", 0, "--out", out,
-                   "--corruptions", "shot_noise,contrast")
+                   "--image_size", 32, "--workers", 0, "--out", out, "--corruptions", "shot_noise,contrast")
     assert list(results["corruptions"]) == ["shot_noise", "contrast"]
-    info = dataset_info("imagenet")
-    to_input = transforms.Compose([transforms.Resize(36), transforms.CenterCrop(32), transforms.ToTensor(),
-                                   transforms.Normalize(info["mean"], info["std"])])
+    # Hendrycks and Dietterich's ImageNet-C evaluation: the stored images are 224 x 224 already, so
+    # CenterCrop(224), ToTensor, Normalize with ImageNet's statistics, and no Resize(256) first
+    # (the crop is 32 here, the images 40 x 44)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    to_input = transforms.Compose([transforms.CenterCrop(32), transforms.ToTensor(), transforms.Normalize(mean, std)])
     for corruption, row in results["corruptions"].items():
         assert row["count"] == [2] * 5
         for severity in range(1, 6):
@@ -201,6 +197,41 @@ def test_imagenet_c_layout(imagenet_c, tmp_path):
             assert row["correct"][severity - 1] == int((preds == torch.tensor([0, 1])).sum())
     assert out.is_file() and (tmp_path / "inc.csv").is_file()
     assert len(list(csv.reader(open(tmp_path / "inc.csv")))) == 4
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    """An (untrained) digits checkpoint as the training script writes it: its dataset is digits."""
+    root = tmp_path_factory.mktemp("digitsc")
+    torch.manual_seed(2)
+    model = models.create_model(MODEL, num_classes=10).eval()
+    state = _training_checkpoint(model, 10)
+    state["args"] = {"dataset": "digits"}
+    torch.save(state, root / "model_best.pth.tar")
+    return root / "model_best.pth.tar"
+
+
+def test_digits_c_needs_no_data_and_writes_the_same_records(digits_checkpoint):
+    from utils.corruptions import FAMILIES, digits_c
+    results = _run("--checkpoint", digits_checkpoint, "--corruptions", "contrast,gaussian_noise")
+    assert results["dataset"] == "digits" and list(results["corruptions"]) == ["contrast", "gaussian_noise"]
+    model = models.create_model(MODEL, num_classes=10)
+    model.load_state_dict(torch.load(digits_checkpoint, weights_only=True)["state_dict"])
+    model.eval()
+    for family, row in results["corruptions"].items():
+        assert family in FAMILIES and row["count"] == [450] * 5
+        for severity in range(1, 6):
+            images, labels = digits_c(family, severity)
+            with torch.no_grad():
+                correct = int((model(images).argmax(dim=1) == labels).sum())
+            assert row["correct"][severity - 1] == correct
+    # the clean error comes from the clean test split, so relative CE needs no --clean_error
+    assert 0 <= results["clean_error"] <= 100
+    out = digits_checkpoint.parent / "model_best_corruptions_digits.json"
+    assert json.loads(out.read_text())["format"] == "lcr-bnn-corruptions"
+    assert (digits_checkpoint.parent / "model_best_corruptions_digits.csv").is_file()
+    again = _run("--checkpoint", digits_checkpoint, "--corruptions", "contrast,gaussian_noise")
+    assert again["corruptions"] == results["corruptions"]      # deterministic, and its own file is replaced
 
 
 def _blank(n_images, side=32):

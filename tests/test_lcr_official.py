@@ -1,4 +1,6 @@
-"""The released code's LCR form (``--lcr_variant official``) against an explicit re-computation."""
+"""The released code's LCR form (``--lcr_variant official``) against re-computations written here from
+the released files (42Shawn/LCR_BNN ``LCR/imagenet/LCR.py``, ``models/resnet.py``, ``main.py``)."""
+import copy
 import math
 import os
 import subprocess
@@ -6,9 +8,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import models
+from conftest import randomise_batch_norms
 from modules.lcr_official import OfficialLCR, official_loss, stage_modules, top_eigen_estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -83,7 +87,8 @@ def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     for h in hooks:
         h.remove()
     fp_stats = {k: v.clone() for k, v in fp_model.state_dict().items()}
-    loss = reg.loss()
+    loss, logs = reg.loss()
+    assert logs == {}
 
     fp_model.eval()
     fp_feats, hooks = _capture_stages(fp_model)
@@ -92,7 +97,7 @@ def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     for h in hooks:
         h.remove()
     fb = [F.hardtanh(stage_out[i]) * reg.gamma[i] for i in range(4)]
-    ff = [F.hardtanh(fp_feats[i]) for i in range(4)]
+    ff = [F.relu(fp_feats[i]) for i in range(4)]
     assert loss.item() == pytest.approx(official_loss(fb, ff).item() / (4 * 10000.0), rel=1e-5)
     # the FP network ran in eval mode: BN running statistics did not move
     for k, v in fp_model.state_dict().items():
@@ -101,6 +106,128 @@ def test_features_come_from_the_main_pass_and_fp_net_is_frozen():
     assert reg.gamma.grad is not None and reg.gamma.grad.abs().sum() > 0
     assert all(p.grad is None for p in fp_model.parameters())
     assert model.layer1[0].conv1.weight.grad.abs().sum() > 0
+
+
+# --- the released computation on the ImageNet networks -------------------------------------------------
+
+
+class _ReleasedFPBlock(nn.Module):
+    """``models/resnet.py`` BasicBlock as released: a ReLU on the way in, none on the way out."""
+
+    def __init__(self, inplanes, planes, stride, downsample):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        x = F.relu(x)
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class _ReleasedFPResNet18(nn.Module):
+    """The released FP ResNet-18 up to ``extract_feature(x, preReLU=False)``: the ReLU'd stage outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        inplanes, stages = 64, []
+        for planes, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            down = None
+            if stride != 1 or inplanes != planes:
+                down = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+            stages.append(nn.Sequential(_ReleasedFPBlock(inplanes, planes, stride, down),
+                                        _ReleasedFPBlock(planes, planes, 1, None)))
+            inplanes = planes
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.fc = nn.Linear(512, 1000)
+
+    def extract_feature(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        feats = []
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            feats.append(x)
+        return [F.relu(f) for f in feats]
+
+
+def _released_retention_matrix(fm1, fm2):
+    if fm1.size(2) > fm2.size(2):
+        fm1 = F.adaptive_avg_pool2d(fm1, (fm2.size(2), fm2.size(3)))
+    fm1 = fm1.view(fm1.size(0), fm1.size(1), -1)
+    fm2 = fm2.view(fm2.size(0), fm2.size(1), -1).transpose(1, 2)
+    return torch.bmm(fm1, fm2) / fm1.size(2)
+
+
+def _released_top_eigenvalue(k):
+    v = torch.ones(k.shape[0], k.shape[1], 1, dtype=k.dtype)
+    m = torch.bmm(k, v)
+    n = torch.norm(m, dim=1).unsqueeze(1)
+    v = m / n
+    return torch.sqrt(n / torch.norm(v, dim=1).unsqueeze(1))
+
+
+def _released_lcr(fp_feats, binary_feats):
+    """``LCR.forward``: sum over consecutive pairs of MSE(top eigenvalue estimates) / 2 ** (S - i - 1)."""
+    loss, s = 0, len(fp_feats)
+    for i in range(s - 1):
+        rm_b = _released_retention_matrix(binary_feats[i], binary_feats[i + 1])
+        rm_f = _released_retention_matrix(fp_feats[i].detach(), fp_feats[i + 1].detach())
+        loss = loss + F.mse_loss(_released_top_eigenvalue(torch.bmm(rm_b, rm_b.transpose(2, 1))),
+                                 _released_top_eigenvalue(torch.bmm(rm_f, rm_f.transpose(2, 1)))) / 2 ** (s - i - 1)
+    return loss
+
+
+def test_imagenet_official_form_equals_the_released_computation():
+    torch.manual_seed(0)
+    fp_model = models.create_model("resnet18_fp")
+    # a trained network's BatchNorm: many stage outputs above 1
+    randomise_batch_norms(fp_model, mean_std=0.3, var=(0.3, 1.0), weight=(0.8, 2.0), bias_mean=0.3, bias_std=0.3)
+    released_fp = _ReleasedFPResNet18()
+    released_fp.load_state_dict(fp_model.state_dict(), strict=True)
+    released_fp.eval()
+    model = models.create_model("resnet18_1w1a_IR")
+    twin = copy.deepcopy(model)
+    batch = 3
+    x = torch.randn(batch, 3, 64, 64)
+
+    reg = OfficialLCR(model, fp_model, batch_size=batch)
+    gamma = torch.tensor([[0.7, 1.3, 0.9, 1.6]])
+    with torch.no_grad():
+        reg.gamma.copy_(gamma[0])
+    with reg.record():
+        model(x)
+    loss, _ = reg.loss()
+    loss.backward()
+
+    # the released code: scaleable_feature (hardtanh'd stages times gamma) against extract_feature
+    ref_gamma = gamma.clone().requires_grad_(True)
+    stages, outputs = [twin.layer1, twin.layer2, twin.layer3, twin.layer4], {}
+    hooks = [s.register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o)) for i, s in enumerate(stages)]
+    twin(x)
+    for h in hooks:
+        h.remove()
+    binary_feats = [ref_gamma[0, i] * F.hardtanh(outputs[i]) for i in range(4)]
+    with torch.no_grad():
+        fp_feats = released_fp.extract_feature(x)
+    assert max(float(f.max()) for f in fp_feats) > 1.5        # where a hardtanh would have clipped
+    reference = _released_lcr(fp_feats, binary_feats) / batch / 10000
+    reference.backward()
+
+    torch.testing.assert_close(loss.double(), reference.double(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(reg.gamma.grad, ref_gamma.grad[0], rtol=1e-4, atol=1e-4 * float(ref_gamma.grad.abs().max()))
+    checked = 0
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
+        if q.grad is None or not q.grad.any():
+            continue
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4 * float(q.grad.abs().max()),
+                                   msg=lambda m, name=name: f"{name}: {m}")
+        checked += 1
+    assert checked > 20
 
 
 def test_official_form_needs_stages():

@@ -28,11 +28,13 @@ from conftest import (CIFAR_MAIN, COMMON_FLAGS, FAKE_FLAGS, IMAGENET_MAIN, REPO_
 from modules.binary import BinarizeConv2d
 from modules.lcr import LCR_SCALE
 
-CHECKPOINT_KEYS = {"format_version", "model", "num_classes", "state_dict", "epoch", "optimizer", "scheduler",
-                   "scaler", "best_top1", "best_top5", "history", "args", "rng"}
+CHECKPOINT_KEYS = {"format_version", "model", "num_classes", "dataset", "state_dict", "epoch", "optimizer",
+                   "scheduler", "extra", "best_top1", "best_top5", "best_epoch", "history", "args"}
 SUMMARY_COLUMNS = {"epoch", "lr", "ede_t", "train_loss", "train_ce", "train_lcr", "train_lcr_share", "val_loss",
                    "val_top1", "val_top5", "best_top1", "sigma_ratio_mean"}
-RUN_FILES = {"log.txt", "args.json", "summary.csv", "tb", "checkpoint.pth.tar", "model_best.pth.tar"}
+RUN_FILES = {"log.txt", "args.json", "provenance.json", "summary.csv", "tb", "checkpoint.pth.tar",
+             "model_best.pth.tar", ".lock"}
+FINISHED = re.compile(r"finished in \S+: best top-1")
 DEFAULT_LR, DEFAULT_TMIN, DEFAULT_TMAX = 0.1, 1e-3, 10.0
 EVALUATE_LINE = re.compile(r"top-1 ([\d.]+)\s+top-5 ([\d.]+)\s+loss ([\d.]+)\s+over (\d+) images")
 NO_GPU_NOTICE = "no GPU found: running on CPU"
@@ -82,22 +84,12 @@ def _torchrun_then_single_process(results):
     return distributed, single
 
 
-def _kill_while_saving_the_best(results):
-    """SIGKILL a fake run while it writes model_best.pth.tar for the first time; returns the run folder
-    and whether that write was caught in flight (its temporary file outlived the kill)."""
-    run = start_main(CIFAR_MAIN, *FAKE_FLAGS, *COMMON_FLAGS, *NO_LIP, "--epochs", "3", "--results_dir", results)
-    folder = run_folder(results)
-
-    def saving_the_best():
-        return folder.is_dir() and any("model_best" in p.name and p.name != "model_best.pth.tar"
-                                       for p in folder.iterdir())
-
-    deadline = time.monotonic() + 240
-    while run.proc.poll() is None and time.monotonic() < deadline and not saving_the_best():
-        time.sleep(0.001)
-    run.proc.send_signal(signal.SIGKILL)
-    run.wait()
-    return folder, saving_the_best()
+def _digits_then_evaluate(results):
+    """A short digits run, then ``-e`` of its best checkpoint with no dataset or model flag."""
+    trained = run_main(CIFAR_MAIN, "--dataset", "digits", "--epochs", "4", "-b", "64", "--alpha", "1",
+                       "--gpus", "0", "-j", "0", *NO_LIP, "--results_dir", results)
+    evaluated = run_main(CIFAR_MAIN, "-j", "0", "-e", run_folder(results) / "model_best.pth.tar")
+    return trained, evaluated
 
 
 def _resume_with_another_length(source, results):
@@ -119,9 +111,9 @@ def runs(request, runs_dir):
     tmp = runs_dir
     background = Background(selected_uses(request))
     cifar = (*COMMON_FLAGS, *NO_LIP, "--epochs", "1")
-    background.submit("digits", run_main, CIFAR_MAIN, "--dataset", "digits", "--epochs", "4", "-b", "64",
-                      "--alpha", "1", "--lr", "0.1", "--gpus", "0", "-j", "0", "-p", "100", *NO_LIP,
-                      "--results_dir", tmp / "digits")
+    background.submit("digits", _digits_then_evaluate, tmp / "digits")
+    background.submit("channels_last amp", run_main, CIFAR_MAIN, *FAKE_FLAGS, *COMMON_FLAGS, "--epochs", "1",
+                      "--alpha", "8", *NO_LIP, "--channels_last", "--amp", "--results_dir", tmp / "cl_amp")
     background.submit("torchrun", _torchrun_then_single_process, tmp / "torchrun")
     if "imagenet jpeg" in background.wanted:
         classes = ["n01440764", "n01443537", "n01484850"]
@@ -130,7 +122,6 @@ def runs(request, runs_dir):
                       tmp / "imagenet", "-a", "resnet18_1w1a_IR", "-b", "4", "-bt", "4", *cifar,
                       "--results_dir", tmp / "imagenet_run")
     background.submit("readme spelling", _readme_spelling_run, tmp / "readme")
-    background.submit("kill while saving the best", _kill_while_saving_the_best, tmp / "best")
     alpha0 = (*FAKE_FLAGS, "--gpus", "0", "-p", "1", *NO_LIP, "--epochs", "1", "--alpha", "0",
               "--results_dir", tmp / "alpha0")
     background.submit("alpha0 j0", run_main, CIFAR_MAIN, *alpha0, "-j", "0", "--save", "_j0")
@@ -152,7 +143,9 @@ def runs(request, runs_dir):
         torch.save(nn.DataParallel(model).state_dict(), tmp / "dataparallel.pth")
         for name, path in (("checkpoint", folder / "checkpoint.pth.tar"), ("bare", tmp / "bare.pth"),
                            ("dataparallel", tmp / "dataparallel.pth")):
-            background.submit(f"evaluate {name}", run_main, CIFAR_MAIN, *FAKE_FLAGS, *COMMON_FLAGS,
+            # a bare state dict says nothing of its model and data: the user names them
+            named = () if name == "checkpoint" else (*FAKE_FLAGS, "-a", "resnet20_1w1a")
+            background.submit(f"evaluate {name}", run_main, CIFAR_MAIN, *named, *COMMON_FLAGS,
                               "--results_dir", tmp / "eval", "--save", f"_{name}", "-e", path)
         background.submit("other schedule", _resume_with_another_length, folder, tmp / "other_schedule")
     yield background
@@ -169,7 +162,7 @@ def test_fake_run_leaves_log_args_board_summary_and_checkpoints(fake_cifar_run):
     assert RUN_FILES <= set(os.listdir(folder))
     notices = [line for line in result.stdout.splitlines() if NO_GPU_NOTICE in line]
     assert len(notices) == 1 and "--gpus 0" in notices[0]
-    assert (folder / "log.txt").read_text().count("finished: best top-1") == 1
+    assert len(FINISHED.findall((folder / "log.txt").read_text())) == 1
 
     args = json.loads((folder / "args.json").read_text())
     assert args["alpha"] == 8.0 and args["epochs"] == 2 and args["dataset"] == "fake"
@@ -192,13 +185,14 @@ def test_checkpoint_schema_and_weights(fake_cifar_run):
     folder = fake_cifar_run["folder"]
     rows = read_summary(folder / "summary.csv")
     state = load(folder / "checkpoint.pth.tar")
-    assert CHECKPOINT_KEYS <= set(state)
-    assert state["format_version"] == 1 and state["model"] == "resnet20_1w1a" and state["num_classes"] == 10
-    assert state["epoch"] == 2 and state["scaler"] is None
+    assert set(state) == CHECKPOINT_KEYS
+    assert state["format_version"] == 2 and state["model"] == "resnet20_1w1a" and state["num_classes"] == 10
+    assert state["epoch"] == 2 and state["dataset"] == "fake" and state["extra"] == {}
     assert [h["val_top1"] for h in state["history"]] == [row["val_top1"] for row in rows]
     assert (state["best_top1"], state["best_top5"]) == (rows[-1]["best_top1"], rows[-1]["best_top5"])
+    top1 = [row["val_top1"] for row in rows]
+    assert state["best_epoch"] == top1.index(max(top1))
     assert state["args"]["alpha"] == 8.0 and state["args"]["epochs"] == 2
-    assert {"torch", "cuda", "numpy", "python"} <= set(state["rng"])
     assert state["optimizer"]["state"], "the optimizer state has no momentum buffers"
 
     model = models.create_model("resnet20_1w1a", num_classes=10)
@@ -278,6 +272,10 @@ def test_imagenet_script_with_readme_flag_spelling(runs, runs_dir):
     assert (args["save"], args["gpus"], args["batch_size"], args["alpha"]) == ("v0", "0", 16, 8.0)
     assert args["fake_image_size"] == 64 and args["model"] == "resnet18_1w1a_IR"
     assert "32 training and 16 validation images, 10 classes" in result.stdout
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert len(provenance) == 1 and provenance[0]["device"] == "cpu" and provenance[0]["threads"] == 1
+    assert provenance[0]["world_size"] == 1 and provenance[0]["torch"] == torch.__version__
+    assert "--save=v0" in provenance[0]["command"] and len(provenance[0]["git_commit"] or "x" * 40) == 40
     assert len(read_summary(folder / "summary.csv")) == 1
     state = load(folder / "checkpoint.pth.tar")
     assert state["model"] == "resnet18_1w1a_IR" and state["epoch"] == 1
@@ -359,19 +357,6 @@ def test_resume_refuses_another_schedule(runs, runs_dir, fake_cifar_run):
     folder = run_folder(runs_dir / "other_schedule", save="_a8")
     for name in ("checkpoint.pth.tar", "summary.csv"):
         assert (folder / name).read_bytes() == (fake_cifar_run["folder"] / name).read_bytes(), name
-
-
-@pytest.mark.uses("kill while saving the best")
-def test_a_kill_never_leaves_a_best_accuracy_without_its_weights(runs):
-    folder, caught = runs["kill while saving the best"]
-    if not caught:
-        pytest.skip("the first write of model_best.pth.tar was not caught in flight")
-    checkpoint = folder / "checkpoint.pth.tar"
-    if checkpoint.exists():
-        best_top1 = load(checkpoint)["best_top1"]
-        assert (folder / "model_best.pth.tar").exists(), \
-            f"checkpoint.pth.tar records best top-1 {best_top1} but model_best.pth.tar is missing"
-        assert load(folder / "model_best.pth.tar")["best_top1"] == best_top1
 
 
 # --- atomic checkpoint writes ---------------------------------------------------------------------------
@@ -462,12 +447,13 @@ def test_torchrun_two_processes_cover_the_validation_set_once(runs, runs_dir):
     distributed, single = runs["torchrun"]
     assert distributed.returncode == 0, "torchrun failed (its output says why)\n" + explain(distributed)
     folder = run_folder(runs_dir / "torchrun" / "ddp")
-    assert set(os.listdir(folder)) == RUN_FILES
+    assert set(os.listdir(folder)) == RUN_FILES | {"checkpoint_eval_fake.json"}    # the -e below wrote the last
     assert len(os.listdir(folder / "tb")) == 1
     log = (folder / "log.txt").read_text()
-    assert log.count("finished: best top-1") == 1 and log.count("arguments:") == 1
-    assert distributed.stdout.count("finished: best top-1") == 1
-    assert "x2 processes" in distributed.stdout
+    assert len(FINISHED.findall(log)) == 1 and log.count("arguments:") == 1
+    assert len(FINISHED.findall(distributed.stdout)) == 1
+    assert "2 process(es)" in distributed.stdout
+    assert json.loads((folder / "provenance.json").read_text())[0]["world_size"] == 2
     rows = read_summary(folder / "summary.csv")
     assert len(rows) == 1
 
@@ -483,8 +469,59 @@ def test_torchrun_two_processes_cover_the_validation_set_once(runs, runs_dir):
 
 
 @pytest.mark.uses("digits")
+def test_evaluate_takes_dataset_and_model_from_the_checkpoint(runs, runs_dir):
+    trained, evaluated = runs["digits"]
+    assert_ok(trained)
+    assert_ok(evaluated)
+    top1, _, _, count = evaluation(evaluated)
+    assert count == 450 and "resnet20_1w1a on digits" in evaluated.stdout
+    rows = read_summary(run_folder(runs_dir / "digits") / "summary.csv")
+    assert top1 == round(max(row["val_top1"] for row in rows), 2)
+    saved = json.loads((run_folder(runs_dir / "digits") / "model_best_eval_digits.json").read_text())
+    assert saved["count"] == 450 and saved["dataset"] == "digits" and saved["top1"] == pytest.approx(top1, abs=0.005)
+
+
+@pytest.mark.uses("channels_last amp")
+def test_channels_last_and_amp_flags_train_on_cpu(runs, runs_dir):
+    result = runs["channels_last amp"]
+    assert_ok(result)
+    assert "--amp: bfloat16 autocast is for GPUs; training on the CPU in fp32" in result.stdout
+    row = read_summary(run_folder(runs_dir / "cl_amp") / "summary.csv")[0]
+    assert row["train_lcr"] > 0 and 0 <= row["val_top1"] <= 100
+
+
+def test_model_recipe_fills_every_flag_the_user_does_not_give():
+    from utils import options
+    vgg = options.parse_args(options.CIFAR_DEFAULTS, "t", ["--model", "vgg_small_1w1a"])
+    # htqin/IR-Net CIFAR-10/VGG-Small/main.py: lr 0.007, 300 epochs, batch 128, t from 0.1 to 10
+    assert (vgg.lr, vgg.epochs, vgg.batch_size, vgg.Tmin, vgg.Tmax) == (0.007, 300, 128, 0.1, 10.0)
+    assert (vgg.momentum, vgg.weight_decay, vgg.lr_type, vgg.warm_up) == (0.9, 1e-4, "cos", False)
+    resnet = options.parse_args(options.CIFAR_DEFAULTS, "t", [])
+    # htqin/IR-Net CIFAR-10/ResNet20/1w1a/trainer.py: lr 0.1, 400 epochs, batch 128, t from 1e-3 to 10
+    assert (resnet.model, resnet.lr, resnet.epochs, resnet.batch_size, resnet.Tmin) == ("resnet20_1w1a", 0.1, 400, 128,
+                                                                                        1e-3)
+    assert resnet.model_fp == "resnet20_fp"
+    given = options.parse_args(options.CIFAR_DEFAULTS, "t", ["--model", "vgg_small_1w1a", "--lr", "0.05", "--Tmin",
+                                                             "0.001", "--warm_up"])
+    assert (given.lr, given.Tmin, given.warm_up, given.epochs) == (0.05, 0.001, True, 300)
+    imagenet = options.parse_args(options.IMAGENET_DEFAULTS, "t", [])
+    # 42Shawn/LCR_BNN LCR/imagenet: 100 epochs, lr 0.1, batch 128 as in its README, FP net resnet18_fp
+    assert (imagenet.epochs, imagenet.lr, imagenet.batch_size, imagenet.model_fp) == (100, 0.1, 128, "resnet18_fp")
+
+
+def test_each_script_offers_only_its_own_flags_and_models(capsys):
+    from utils import options
+    for defaults, present, absent in ((options.IMAGENET_DEFAULTS, ["resnet18_1w1a_IR"], ["--download", "--gpu_data",
+                                                                                          "resnet20_1w1a"]),
+                                      (options.CIFAR_DEFAULTS, ["--download", "--gpu_data", "resnet20_1w1a"],
+                                       ["resnet18_1w1a_IR"])):
+        text = options.get_args_parser(defaults, "t").format_help()
+        assert all(p in text for p in present) and not any(a in text for a in absent), text
+
+
+@pytest.mark.uses("digits")
 def test_digits_learns(runs, runs_dir):
-    result = runs["digits"]
+    result, _ = runs["digits"]
     assert_ok(result)
     rows = read_summary(run_folder(runs_dir / "digits") / "summary.csv")
     assert len(rows) == 4

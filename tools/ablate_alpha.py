@@ -14,8 +14,10 @@ and is the baseline shared by both forms.
 State of a run folder ``<out>/runs/<model><save>/``, read before anything starts:
 
 - finished: ``summary.csv`` has as many rows as ``args.json`` has ``epochs``: skipped;
-- interrupted: ``checkpoint.pth.tar`` exists but the run is not finished: rerun with ``--resume``;
-- fresh: anything else: started from scratch;
+- interrupted: ``checkpoint.pth.tar`` exists but the run is not finished (or its summary misses
+  rows): rerun with ``--resume``, which also completes the records of a finished run;
+- fresh: no ``checkpoint.pth.tar`` (whatever a run that died before its first epoch left): started
+  from scratch;
 - conflict: a finished or interrupted run whose ``args.json`` differs from the flags this grid would
   pass (flags that do not change the training, such as ``-j`` or ``--gpus``, are not compared): it is
   reported as failed and left alone, so one table never mixes two recipes.
@@ -23,7 +25,9 @@ State of a run folder ``<out>/runs/<model><save>/``, read before anything starts
 Runs go ``--jobs`` at a time as subprocesses (``--devices 0 1 ...`` gives each running job its
 own ``--gpus``); their stdout and stderr are appended to ``<out>/logs/<run>.out`` and ``.err``.
 A failed run is reported with its exit status and last stderr line, the others go on, and the tool
-exits with status 1 at the end. Outputs in ``--out``:
+exits with status 1 at the end. Ctrl-C or SIGTERM stops the running trainers before the tool exits.
+The tool replaces its outputs in ``--out`` only when it made that folder (``--force`` overrides).
+Outputs in ``--out``:
 
 - ``ablation.csv``: one row per run of the grid: form, alpha, seed, status, best_top1, last_top1,
   best_top5, last_top5, lcr_share (``train_lcr_share``, the weighted LCR term over the total loss,
@@ -34,12 +38,19 @@ exits with status 1 at the end. Outputs in ``--out``:
 - ``ablation.png``: best (solid) and last (dashed) top-1 against alpha, one colour per form, with
   standard-deviation error bars, on a symlog alpha axis so that alpha 0 shows.
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.ablate_alpha " + " ".join(sys.argv[1:]))
+
 import argparse
 import csv
 import dataclasses
+import io
 import json
+import math
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -47,6 +58,9 @@ import time
 from pathlib import Path
 
 from utils import options
+from utils.checkpoint import NOT_RUN_DEFINING
+from utils.outputs import IMAGE_TAG_KEY, has_tag, mark_folder
+from utils.runfolder import atomic_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = {"cifar": (REPO_ROOT / "cifar" / "main.py", options.CIFAR_DEFAULTS),
@@ -55,10 +69,11 @@ FORMS = ("paper", "official")
 BASELINE = "irnet"  # form label of the alpha-0 runs, shared by every form
 # Flags the tool sets itself for every run; passing them after `--` is an error.
 RESERVED = ("alpha", "seed", "results_dir", "save", "resume", "lcr_variant", "evaluate")
-# Flags that do not change what a run trains; a run folder that differs only in these is not a conflict.
-NOT_COMPARED = {"resume", "evaluate", "results_dir", "print_freq", "time_estimate", "workers", "gpus", "type",
-                "data_path", "download", "amp", "channels_last", "gpu_data", "lip_images", "lip_eps",
-                "batch_size_test"}
+# Flags that do not change what a run trains (the training script's own list): a run folder that
+# differs only in these is not a conflict.
+NOT_COMPARED = set(NOT_RUN_DEFINING)
+TAG = "lcr-bnn-ablation"
+OUTPUTS = ("ablation.csv", "ablation.md", "ablation.png")
 CSV_FIELDS = ("form", "alpha", "seed", "status", "best_top1", "last_top1", "best_top5", "last_top5",
               "lcr_share", "epochs_done", "epochs", "run_folder")
 POLL_S = 0.2
@@ -130,7 +145,7 @@ def build_runs(script, points, extra, runs_dir):
         if form != BASELINE:
             flags += ["--lcr_variant", form]
         parser = script_parser(script)
-        args = options.validate_args(parser, parser.parse_args(flags))
+        args = options.validate_args(parser, options.apply_defaults(parser.parse_args(flags), SCRIPTS[script][1]))
         expected = json.loads(json.dumps(vars(args)))  # the types args.json holds (lists, not tuples)
         runs.append(Run(form, alpha, seed, runs_dir / (args.model + save), flags, expected))
     return runs
@@ -150,16 +165,20 @@ def read_rows(path):
 
 
 def folder_state(folder):
-    """``(state, rows, epochs)`` of a run folder: state is finished, interrupted or fresh (module docstring)."""
+    """``(state, rows, epochs)`` of a run folder: state is finished, interrupted or fresh (module docstring).
+
+    A folder that holds no checkpoint is fresh, whatever else is in it (the files of a run that died
+    before its first epoch); a finished run whose summary misses rows is interrupted (its resume
+    completes the records)."""
     args_path = folder / "args.json"
     args = read_json(args_path) if args_path.exists() else {}
     rows = read_rows(folder / "summary.csv")
     epochs = args.get("epochs")
+    if not (folder / "checkpoint.pth.tar").exists():
+        return "fresh", [], epochs
     if epochs and len(rows) >= epochs:
         return "finished", rows, epochs
-    if (folder / "checkpoint.pth.tar").exists():
-        return "interrupted", rows, epochs
-    return "fresh", rows, epochs
+    return "interrupted", rows, epochs
 
 
 def differences(saved, expected):
@@ -233,7 +252,7 @@ def execute(tasks, jobs, log_dir, env=None, devices=(), report=say, on_done=None
                 results[name] = (proc.returncode, time.time() - start, last_line(log_dir / f"{name}.err", offset))
                 if on_done:
                     on_done(name, *results[name])
-    except KeyboardInterrupt:
+    except BaseException:  # Ctrl-C, SIGTERM (see main) or a bug: no trainer may outlive the tool
         for proc in running:
             proc.terminate()
         for proc in running:
@@ -276,10 +295,11 @@ def collect(runs, out):
 
 
 def write_csv(records, path):
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in records)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    writer.writerows({k: ("" if r[k] is None else r[k]) for k in CSV_FIELDS} for r in records)
+    atomic_text(path, table.getvalue())
 
 
 def mean_std(values):
@@ -364,7 +384,7 @@ def plot(table, path, title):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, metadata={IMAGE_TAG_KEY: TAG})
     plt.close(fig)
 
 
@@ -390,6 +410,8 @@ def get_args_parser():
     p.add_argument("--dry_run", action="store_true", help="print each run's state and command, start nothing")
     p.add_argument("--table_only", action="store_true",
                    help="start nothing; write the csv, table and plot from the run folders as they are")
+    p.add_argument("--force", action="store_true",
+                   help="replace ablation.csv/.md/.png in an --out folder that this tool did not make")
     return p
 
 
@@ -438,7 +460,7 @@ def write_outputs(runs, out, script, extra):
     out.mkdir(parents=True, exist_ok=True)
     write_csv(records, out / "ablation.csv")
     md = markdown(records, table, title, setting)
-    (out / "ablation.md").write_text(md)
+    atomic_text(out / "ablation.md", md)
     say("\n" + md)
     if table:
         plot(table, out / "ablation.png", f"{title}, {first['epochs']} epochs")
@@ -452,12 +474,20 @@ def main(argv=None):
     own, extra = split_argv(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     args = parser.parse_args(own)
-    if min(args.alphas) < 0:
-        parser.error(f"--alphas must be >= 0, got {min(args.alphas):g}")
+    bad = [a for a in args.alphas if not (math.isfinite(a) and a >= 0)]
+    if bad:
+        parser.error(f"--alphas must be finite and >= 0, got {bad[0]:g}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    bad = [s for s in args.seeds if not 0 <= s <= options.MAX_SEED]
+    if bad:
+        parser.error(f"--seeds must be in 0..{options.MAX_SEED}, got {bad[0]}")
     forms, seeds = list(dict.fromkeys(args.forms)), list(dict.fromkeys(args.seeds))
     out = Path(args.out).resolve()
+    foreign = [name for name in OUTPUTS if (out / name).exists() and not has_tag(str(out), TAG)]
+    if foreign and not args.force:
+        parser.exit(1, f"error: {out} holds {', '.join(foreign)} that this tool did not write; pass another --out, "
+                       f"or --force to replace them\n")
     check_extra(args.script, extra, RESERVED + (("gpus",) if args.devices else ()))
     runs = [classify(r) for r in build_runs(args.script, grid(args.alphas, seeds, forms), extra, out / "runs")]
     first = runs[0].expected
@@ -473,6 +503,9 @@ def main(argv=None):
     if args.dry_run:
         return 0
 
+    mark_folder(out, TAG)
+    # SIGTERM (a job scheduler, kill) ends the tool like Ctrl-C: its trainers are stopped first
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     failed = {r.name: f"not started: {r.detail}" for r in runs if r.state == "conflict"}
     todo = [] if args.table_only else [r for r in runs if r.state in ("fresh", "interrupted")]
     if todo:

@@ -10,29 +10,33 @@ Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the timed steps; o
 the live bytes that ops allocate during one step, from ``torch.profiler``'s memory records
 (op granularity: a peak inside a single op is not seen).
 
+``--plain`` adds, for every configuration, its twin with the speed tricks off
+(``modules.speed.plain_formulas``): the paired ratio of the two is what the tricks buy, measured
+in the same run.
+
     python -m tools.bench --models resnet20_1w1a --batch_sizes 128 --device cpu
     python -m tools.bench --models resnet18_1w1a_IR --batch_sizes 128 --device cuda --amp --channels_last
 """
+if __package__ in (None, ""):
+    raise SystemExit("run the tools from the repository root as modules: python -m tools.bench ...")
+
 import argparse
+import contextlib
+import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
 import models
-from modules import set_ede_schedule
+from modules import set_ede_schedule, speed
 from modules.lcr import LipschitzRegularizer
 from modules.lcr_official import OfficialLCR
 from utils.engine import train_step
 
-FP_TWIN = {"resnet18_1w1a_IR": "resnet18_fp", "resnet34_1w1a_IR": "resnet34_fp",
-           "resnet18_1w1a": "resnet18_cifar_fp", "resnet20_1w1a": "resnet20_fp"}
-
-
-def image_side(name):
-    """Input side in pixels: 224 for the ImageNet networks, 32 for the CIFAR ones."""
-    return 224 if name.endswith("_IR") or name in ("resnet18_fp", "resnet34_fp") else 32
+MIN_ROUNDS, MIN_STEPS = 5, 2  # fewer give paired ratios that a single burst of load can move far
 
 
 def hardware(device):
@@ -44,10 +48,11 @@ def hardware(device):
 class Config:
     """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
 
-    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters):
-        self.label = "alpha 0" if form == "none" else f"alpha {alpha:g} {form}"
-        self.form, self.amp = form, amp
-        classes = 1000 if image_side(name) == 224 else 10
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=False):
+        self.label = ("alpha 0" if form == "none" else f"alpha {alpha:g} {form}") + (" plain" if plain else "")
+        self.form, self.amp, self.plain = form, amp, plain
+        info = models.model_info(name)
+        classes, side = info.num_classes, info.image_size
         torch.manual_seed(0)
         self.model = models.create_model(name, num_classes=classes).to(device)
         set_ede_schedule(self.model, 0, 1)
@@ -56,21 +61,21 @@ class Config:
         params = list(self.model.parameters())
         self.reg, self.weight = None, 0.0
         if form == "paper":
-            self.reg = LipschitzRegularizer(self.model, iters=iters)
+            self.reg = LipschitzRegularizer(self.model, steps=iters or None)
         elif form == "official":
-            fp = models.create_model(FP_TWIN[name], num_classes=classes).to(device).to(memory_format=fmt)
+            fp = models.create_model(info.fp_twin, num_classes=classes).to(device).to(memory_format=fmt)
             self.reg = OfficialLCR(self.model, fp, batch)
             params += self.reg.parameters()
         if self.reg is not None:
             self.weight = alpha * self.reg.weight_scale
         self.opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-        side = image_side(name)
         self.x = torch.randn(batch, 3, side, side, device=device).contiguous(memory_format=fmt)
         self.y = torch.randint(0, classes, (batch,), device=device)
         self.times = []
 
     def step(self):
-        train_step(self.model, self.reg, self.x, self.y, self.opt, self.weight, self.amp)
+        with speed.plain_formulas() if self.plain else contextlib.nullcontext():
+            train_step(self.model, self.reg, self.x, self.y, self.opt, self.weight, self.amp)
 
 
 def sync(device):
@@ -78,10 +83,29 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def native_output_silenced():
+    """Send what native code writes to stdout/stderr (the profiler's start/stop and device-count
+    lines) to /dev/null for the duration of the block; Python's own printing is flushed first."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
 def cpu_peak_bytes(cfg):
     """Peak live bytes of the CPU allocator during one step (profiler memory events, in order)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with native_output_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         cfg.step()
     # self_cpu_memory_usage: bytes an op allocated minus freed outside its children; "[memory]"
     # entries are frees no op claims. Summed in start order they trace the live-bytes curve.
@@ -118,7 +142,7 @@ def profile_configs(cfgs, top):
     from torch.profiler import profile
 
     def op_times(cfg):
-        with profile() as prof:
+        with native_output_silenced(), profile() as prof:
             cfg.step()
         return {e.key: e.self_cpu_time_total / 1000 for e in prof.key_averages()}
 
@@ -147,11 +171,19 @@ def _run(args):
     rows = []
     print(f"# device: {hardware(device)}; torch {torch.__version__}; steps {args.steps} x rounds {args.rounds}; "
           f"amp {args.amp}; channels_last {args.channels_last}")
+    if args.rounds < MIN_ROUNDS or args.steps < MIN_STEPS:
+        print(f"# warning: {args.rounds} rounds of {args.steps} steps are too few for a stable ratio on a shared "
+              f"machine; use at least --rounds {MIN_ROUNDS} --steps {MIN_STEPS}")
     for name in args.models:
         for batch in args.batch_sizes:
-            forms = ["none"] + [f for f in args.forms if f != "official" or name in FP_TWIN]
-            cfgs = [Config(name, batch, f, args.alpha, device, args.channels_last, args.amp, args.lcr_iters)
-                    for f in forms]
+            cfgs = []
+            for form in ["none"] + args.forms:
+                for plain in [False, True] if args.plain else [False]:
+                    try:
+                        cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
+                                           args.lcr_iters, plain))
+                    except ValueError as exc:  # e.g. the official form on a network without stages
+                        print(f"# {name}: no {form} form ({exc})")
             for cfg in cfgs:
                 for _ in range(args.warmup):
                     cfg.step()
@@ -193,10 +225,13 @@ def get_parser():
     p.add_argument("--forms", nargs="+", default=["paper", "official"], choices=["paper", "official"],
                    help="LCR forms to compare with alpha 0 (default both; official needs a ResNet with stages)")
     p.add_argument("--alpha", type=float, default=8.0, help="alpha of the LCR runs (default 8)")
-    p.add_argument("--lcr_iters", type=int, default=5, help="power iterations (default 5)")
+    p.add_argument("--lcr_iters", type=int, default=0,
+                   help="block power steps of the paper form (default 0: modules.singular's size-dependent default)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per config per round (default 5)")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per config per round (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--plain", action="store_true",
+                   help="also time every config with the speed tricks off (modules.speed.plain_formulas)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")
@@ -207,7 +242,13 @@ def get_parser():
 
 
 def main(argv=None):
-    return run(get_parser().parse_args(argv))
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.exit(1, "error: --device cuda but this machine has no GPU; pass --device cpu\n")
+    if min(args.batch_sizes) < 2 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.exit(1, "error: --batch_sizes need at least 2 images, --steps and --rounds at least 1\n")
+    return run(args)
 
 
 if __name__ == "__main__":

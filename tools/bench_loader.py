@@ -8,17 +8,51 @@ are timed as training uses them: a fresh pass over the shuffled training set (it
 worker processes included), each batch on the device before the clock stops. Medians over rounds.
 
     python -m tools.bench_loader --data_path ./data --dataset cifar10 --device cuda -b 256 -j 0 4 8
+
+Without CIFAR-10 on disk, ``--write_synthetic DIR`` first writes a synthetic training and test set
+in CIFAR-10's own pickle format (50,000 + 10,000 random images) under ``DIR``, then times it::
+
+    python -m tools.bench_loader --write_synthetic /tmp/cifar_synth --data_path /tmp/cifar_synth -j 0 2
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.bench_loader " + " ".join(sys.argv[1:]))
+
 import argparse
+import os
+import pickle
 import statistics
 import time
 
+import numpy as np
 import torch
 
 from tools.bench import hardware, sync
-from utils.data import DataError, build_datasets
+from utils.data import DataError, build_datasets, build_loaders
 from utils.distributed import Runtime
-from utils.trainer import build_loaders
+
+SYNTHETIC_SPLITS = {"data_batch_1": 10000, "data_batch_2": 10000, "data_batch_3": 10000, "data_batch_4": 10000,
+                    "data_batch_5": 10000, "test_batch": 10000}
+CIFAR10_LABELS = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_synthetic_cifar10(root, seed=0):
+    """Random images and labels in CIFAR-10's pickle format under ``root/cifar-10-batches-py``.
+
+    Refuses to write into a folder that already holds files."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    if os.path.isdir(folder) and os.listdir(folder):
+        raise SystemExit(f"bench_loader: {folder} already holds files; pass another --write_synthetic folder")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, count in SYNTHETIC_SPLITS.items():
+        entry = {b"data": rng.integers(0, 256, size=(count, 3 * 32 * 32), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, size=count)], b"batch_label": name.encode()}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [n.encode() for n in CIFAR10_LABELS]}, f, protocol=2)
+    return folder
 
 
 def time_pass(loader, device, batches):
@@ -79,13 +113,17 @@ def get_parser():
                    help="DataLoader worker counts to time, one row each (default 4)")
     p.add_argument("--batches", type=int, default=0, help="batches per pass (default 0: the whole epoch)")
     p.add_argument("--rounds", type=int, default=3, help="timed passes per path after one warm-up (default 3)")
+    p.add_argument("--write_synthetic", metavar="DIR", default=None,
+                   help="first write a synthetic CIFAR-10 (random images, the real file format) under DIR")
     return p
 
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    if args.batch_size < 1 or args.rounds < 1 or args.batches < 0 or min(args.workers) < 0:
-        raise SystemExit("bench_loader: --batch_size and --rounds must be >= 1, --batches and -j >= 0")
+    if args.batch_size < 2 or args.rounds < 1 or args.batches < 0 or min(args.workers) < 0:
+        raise SystemExit("bench_loader: --batch_size must be >= 2, --rounds >= 1, --batches and -j >= 0")
+    if args.write_synthetic:
+        print(f"wrote {write_synthetic_cifar10(args.write_synthetic)}")
     return run(args)
 
 

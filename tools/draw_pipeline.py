@@ -16,9 +16,16 @@ Everything is drawn from patches, arrows and (mathtext) text; no external images
 
 Usage::
 
-    python tools/draw_pipeline.py                      # writes pipeline.jpg at the project root
-    python tools/draw_pipeline.py --out fig.jpg --dpi 150
+    python -m tools.draw_pipeline                      # writes pipeline.jpg at the project root
+    python -m tools.draw_pipeline --out fig.jpg --dpi 150
+
+The JPEG carries a comment naming this tool; it replaces an existing file only when that file
+carries it too (or with ``--force``).
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.draw_pipeline " + " ".join(sys.argv[1:]))
+
 import argparse
 import os
 
@@ -30,8 +37,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 import numpy as np  # noqa: E402
 from matplotlib.patches import Circle, FancyArrowPatch, FancyBboxPatch, Rectangle  # noqa: E402
 
+from utils.outputs import OutputError, check_output  # noqa: E402
+
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(PROJECT_ROOT, "pipeline.jpg")
+TAG = "lcr-bnn-draw-pipeline"
 
 # Figure geometry: data units are inches, so at the default 100 dpi one unit is 100 px.
 FIG_W, FIG_H = 16.0, 9.0
@@ -377,15 +387,20 @@ def main(argv=None):
     parser.add_argument("--out", default=DEFAULT_OUT, help="output JPEG path (default: %(default)s)")
     parser.add_argument("--dpi", type=float, default=DEFAULT_DPI,
                         help="resolution; the figure is 16x9 inches (default: %(default)s -> 1600x900 px)")
+    parser.add_argument("--force", action="store_true", help="replace an --out that this tool did not write")
     if argv is not None:
         argv = [os.fspath(a) for a in argv]  # allow pathlib.Path arguments
     args = parser.parse_args(argv)
 
     out = args.out
+    try:
+        check_output(out, TAG, force=args.force)
+    except OutputError as exc:
+        parser.exit(1, f"error: {exc}\n")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig = draw(dpi=args.dpi)
     fig.savefig(out, dpi=args.dpi, format="jpeg", facecolor="white",
-                pil_kwargs={"quality": JPEG_QUALITY, "optimize": True})
+                pil_kwargs={"quality": JPEG_QUALITY, "optimize": True, "comment": TAG})
     plt.close(fig)
     print(f"wrote {out}")
     return out

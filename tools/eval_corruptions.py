@@ -1,17 +1,22 @@
-"""Accuracy and corruption error of a trained network on CIFAR-10-C, CIFAR-100-C or ImageNet-C.
+"""Accuracy and corruption error of a trained network on digits-C, CIFAR-10-C, CIFAR-100-C or ImageNet-C.
 
+    python -m tools.eval_corruptions --dataset digits --checkpoint model_best.pth.tar
     python -m tools.eval_corruptions --dataset cifar10 --data_path CIFAR-10-C --checkpoint model_best.pth.tar
     python -m tools.eval_corruptions --dataset imagenet --data_path ImageNet-C --checkpoint best.pth.tar \\
         --baseline alexnet_imagenet_c.json --clean_error 60.2
 
 Layouts (Hendrycks & Dietterich, ICLR 2019):
 
+- digits-C: no files; the digits test split under this project's corruptions, generated
+  deterministically in memory (``utils/corruptions.py``). The clean error is measured on the clean
+  test split, so relative CE needs no ``--clean_error``.
 - CIFAR-10-C / CIFAR-100-C: ``<data_path>/<corruption>.npy``, uint8 N x 32 x 32 x 3 with N = 5 x n,
   severity s in rows [(s-1) n, s n), and ``<data_path>/labels.npy`` with N labels (or n, shared by
   the five severities).
-- ImageNet-C: ``<data_path>/<corruption>/<severity 1..5>/<class folder>/<image>``, read with the
-  ImageNet validation transform (resize 256, centre crop 224, normalise); the class index is the
-  sorted class-folder order, as torchvision's ImageFolder.
+- ImageNet-C: ``<data_path>/<corruption>/<severity 1..5>/<class folder>/<image>``. The images are
+  stored at 224 x 224 already, so they are read as Hendrycks' evaluation reads them: centre crop 224
+  and normalise, with no resize (``utils.data.imagenet_c_transform``). The class index is the sorted
+  class-folder order, as torchvision's ImageFolder.
 
 A training checkpoint brings its model name and class count; a bare state dict needs ``--model``
 (and ``--num_classes`` unless it is the dataset's). The table (accuracy in % per corruption and
@@ -27,9 +32,10 @@ run), or a hand-written one in its minimal form, e.g. AlexNet's published ImageN
 
     {"corruptions": {"gaussian_noise": {"error": [E_1, E_2, E_3, E_4, E_5]}, ...}, "clean_error": E}
 
-JSON written (``format_version`` 1; accuracies and errors in %, lists indexed by severity 1..5)::
+JSON written (``format`` "lcr-bnn-corruptions", ``format_version`` 1; accuracies and errors in %,
+lists indexed by severity 1..5); the tool never writes over a file it did not write (``--force``)::
 
-    format_version, dataset, data_path, checkpoint, model, num_classes, severities
+    format, format_version, dataset, data_path, checkpoint, model, num_classes, severities
     corruptions     {name: {accuracy, error, correct, count (lists), mean_accuracy, mean_error}}
     mean_accuracy, mean_error      means over corruptions of the per-corruption means
     severity_mean_accuracy         list, mean over corruptions for each severity
@@ -40,8 +46,14 @@ JSON written (``format_version`` 1; accuracies and errors in %, lists indexed by
 
 Any bad input ends the run with one ``error: ...`` line on stderr and exit status 1.
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.eval_corruptions "
+             + " ".join(sys.argv[1:]))
+
 import argparse
 import csv
+import io
 import json
 import os
 import sys
@@ -51,15 +63,18 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from torchvision import datasets as tv_datasets
-from torchvision import transforms
 
 import models
-from utils.checkpoint import CheckpointError, is_training_checkpoint, load_file, load_model_weights
-from utils.data import IMAGENET_RESIZE_PX, DataError, dataset_info
-from utils.distributed import DeviceError, parse_gpus
+from utils.checkpoint import CheckpointError, read_model
+from utils.data import DataError, DigitsDataset, collate_skipping_none, dataset_info, imagenet_c_transform
+from utils.distributed import DeviceError, setup_runtime, wrap_model
+from utils.engine import evaluate
+from utils.outputs import OutputError, check_output, has_tag
+from utils.runfolder import atomic_text
 
 FORMAT_VERSION = 1
-DATASETS = ("cifar10", "cifar100", "imagenet")
+TAG = "lcr-bnn-corruptions"
+DATASETS = ("digits", "cifar10", "cifar100", "imagenet")
 SEVERITIES = (1, 2, 3, 4, 5)
 LABELS_FILE = "labels.npy"
 CIFAR_C_IMAGE_SHAPE = (32, 32, 3)  # height, width, channels of one stored image
@@ -76,52 +91,27 @@ class CorruptionError(Exception):
 def load_model(path, model_name=None, num_classes=None, default_classes=None):
     """Build the network stored at ``path`` and load its weights; return ``(model, meta)``.
 
-    A training checkpoint gives the model name and class count (``model_name``/``num_classes``,
-    when given, must agree); a bare state dict needs ``model_name`` and ``num_classes`` or
-    ``default_classes``. ``meta`` holds ``model``, ``num_classes`` and ``dataset`` (from the
-    checkpoint's saved arguments, else None).
+    A training checkpoint gives the model name, class count and dataset; a bare state dict needs
+    ``model_name`` (its classes are read off its classifier, else ``num_classes`` or
+    ``default_classes``). ``meta`` holds ``model``, ``num_classes`` and ``dataset`` (None when unknown).
     """
-    obj = load_file(path)
-    dataset = None
-    if is_training_checkpoint(obj):
-        model_name = model_name or obj.get("model")
-        num_classes = num_classes or obj.get("num_classes")
-        saved_args = obj.get("args") or {}
-        dataset = saved_args.get("dataset") if isinstance(saved_args, dict) else None
-    else:
-        num_classes = num_classes or default_classes
-        if not model_name or not num_classes:
-            raise CorruptionError(f"checkpoint {path} is a bare state dict; pass --model NAME and "
-                                  f"--num_classes N (or --dataset)")
     try:
-        model = models.create_model(model_name, num_classes=int(num_classes))
-    except ValueError as exc:
-        raise CorruptionError(str(exc)) from None
-    load_model_weights(model, obj, path, model_name, int(num_classes))
-    model.eval()
-    return model, {"model": model_name, "num_classes": int(num_classes), "dataset": dataset}
-
-
-def pick_device(gpus_flag):
-    """First GPU named by ``--gpus`` when CUDA is there, else the CPU; also a notice line or ''."""
-    gpus = parse_gpus(gpus_flag)
-    if not gpus:
-        return torch.device("cpu"), [], ""
-    if not torch.cuda.is_available():
-        return torch.device("cpu"), [], f"no GPU found: running on CPU (ignoring --gpus {gpus_flag})"
-    count = torch.cuda.device_count()
-    bad = [g for g in gpus if not 0 <= g < count]
-    if bad:
-        raise DeviceError(f"--gpus names GPU {bad[0]} but this machine has {count} "
-                          f"(ids 0..{count - 1}); pass e.g. --gpus 0")
-    return torch.device("cuda", gpus[0]), gpus, ""
+        return read_model(path, model_name, num_classes or None)
+    except CheckpointError:
+        if num_classes or not default_classes:
+            raise
+        return read_model(path, model_name, default_classes)
 
 
 # --- data ------------------------------------------------------------------------------------------
 
 
 def list_corruptions(root, dataset):
-    """Names of the corruptions stored under ``root`` (``*.npy`` files or folders), sorted."""
+    """Names of the corruptions stored under ``root`` (``*.npy`` files or folders), sorted; for
+    digits-C the generated families."""
+    if dataset == "digits":
+        from utils.corruptions import FAMILIES
+        return list(FAMILIES)
     if not os.path.isdir(root):
         raise CorruptionError(f"corruption folder {root} does not exist or is not a folder; "
                               f"pass --data_path pointing at {_layout(dataset)}")
@@ -213,10 +203,12 @@ def cifar_c_loader(images, labels, severity, mean, std, batch_size):
         yield batch, torch.from_numpy(np.array(rows))
 
 
-def imagenet_c_transform(image_size, resize, mean, std):
-    """The ImageNet validation transform: resize the short side, centre crop, normalise."""
-    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size),
-                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+def digits_c_loader(family, severity, batch_size):
+    """Batches of the digits test split under ``family`` at ``severity`` (1..5), normalised."""
+    from utils.corruptions import digits_c
+    images, labels = digits_c(family, severity)
+    for lo in range(0, len(labels), batch_size):
+        yield images[lo:lo + batch_size], labels[lo:lo + batch_size]
 
 
 def _class_folders(folder):
@@ -256,20 +248,7 @@ def imagenet_c_sets(root, corruption, transform):
     return sets
 
 
-# --- evaluation ------------------------------------------------------------------------------------
-
-
-def evaluate(model, batches, device):
-    """Top-1 ``(correct, count)`` of ``model`` over an iterable of ``(images, labels)`` batches."""
-    model.eval()
-    correct, count = 0, 0
-    with torch.no_grad():
-        for images, target in batches:
-            images = images.to(device, non_blocking=True)
-            target = target.to(device, non_blocking=True)
-            correct += int((model(images).argmax(dim=1) == target).sum().item())
-            count += int(target.shape[0])
-    return correct, count
+# --- corruption error ----------------------------------------------------------------------------
 
 
 def baseline_errors(baseline, names):
@@ -389,20 +368,18 @@ def write_outputs(results, json_path):
     csv_path = os.path.splitext(json_path)[0] + ".csv"
     folder = os.path.dirname(os.path.abspath(json_path))
     os.makedirs(folder, exist_ok=True)
-    with open(json_path, "w") as handle:
-        json.dump(results, handle, indent=2)
-        handle.write("\n")
     ce = results["ce"] or {}
     rel = results["relative_ce"] or {}
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["corruption", *(f"acc_s{s}" for s in SEVERITIES), "mean_accuracy", "ce", "relative_ce"])
-        for name, row in results["corruptions"].items():
-            writer.writerow([name, *(f"{a:.4f}" for a in row["accuracy"]), f"{row['mean_accuracy']:.4f}",
-                             _fmt4(ce.get(name)), _fmt4(rel.get(name))])
-        writer.writerow(["mean", *(f"{a:.4f}" for a in results["severity_mean_accuracy"]),
-                         f"{results['mean_accuracy']:.4f}", _fmt4(results["mce"]),
-                         _fmt4(results["relative_mce"])])
+    table = io.StringIO(newline="")
+    writer = csv.writer(table)
+    writer.writerow(["corruption", *(f"acc_s{s}" for s in SEVERITIES), "mean_accuracy", "ce", "relative_ce"])
+    for name, row in results["corruptions"].items():
+        writer.writerow([name, *(f"{a:.4f}" for a in row["accuracy"]), f"{row['mean_accuracy']:.4f}",
+                         _fmt4(ce.get(name)), _fmt4(rel.get(name))])
+    writer.writerow(["mean", *(f"{a:.4f}" for a in results["severity_mean_accuracy"]),
+                     f"{results['mean_accuracy']:.4f}", _fmt4(results["mce"]), _fmt4(results["relative_mce"])])
+    atomic_text(csv_path, table.getvalue())   # the CSV first: a JSON beside it says both are complete
+    atomic_text(json_path, json.dumps(results, indent=2) + "\n")
     return csv_path
 
 
@@ -415,14 +392,12 @@ def get_args_parser():
     g.add_argument("--dataset", default=None, choices=DATASETS,
                    help="which benchmark; picks the layout and normalisation (default: the checkpoint's "
                         "training dataset)")
-    g.add_argument("--data_path", required=True,
-                   help="CIFAR-C folder of <corruption>.npy + labels.npy, or ImageNet-C root")
+    g.add_argument("--data_path", default=None,
+                   help="CIFAR-C folder of <corruption>.npy + labels.npy, or ImageNet-C root (digits-C needs none)")
     g.add_argument("--corruptions", nargs="+", default=None, metavar="NAME",
                    help="corruptions to evaluate, space- or comma-separated (default: all in --data_path)")
     g.add_argument("--image_size", type=int, default=None,
                    help=f"ImageNet-C centre crop in pixels (default: {dataset_info('imagenet')['image_size']})")
-    g.add_argument("--resize", type=int, default=None,
-                   help=f"ImageNet-C short side before the crop, pixels (default: {IMAGENET_RESIZE_PX})")
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", "-e", "--evaluate", dest="checkpoint", required=True, metavar="FILE",
                    help="training checkpoint or bare state dict")
@@ -445,24 +420,44 @@ def get_args_parser():
                         "(default: none)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="FILE.json",
-                   help="results JSON; the CSV gets the same stem (default: corruptions_<dataset>.json "
+                   help="results JSON; the CSV gets the same stem (default: <checkpoint stem>_corruptions_<dataset>.json "
                         "next to the checkpoint)")
+    g.add_argument("--force", action="store_true", help="replace output files that this tool did not write")
     return parser
 
 
 def severity_loaders(args, dataset, root, corruptions, num_classes, device):
     """Check the data now; return ``loaders(name)`` giving five batch iterables, severity 1..5."""
     info = dataset_info(dataset)
+    if dataset == "digits":
+        return lambda name: [digits_c_loader(name, s, args.batch_size) for s in SEVERITIES]
     if dataset == "imagenet":
         check_imagenet_c(root, corruptions, num_classes)
-        transform = imagenet_c_transform(args.image_size or info["image_size"], args.resize or IMAGENET_RESIZE_PX,
-                                         info["mean"], info["std"])
+        transform = imagenet_c_transform(args.image_size or info["image_size"])
         return lambda name: [DataLoader(s, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
-                                        pin_memory=device.type == "cuda")
+                                        pin_memory=device.type == "cuda", collate_fn=collate_skipping_none)
                              for s in imagenet_c_sets(root, name, transform)]
     images, labels = read_cifar_c(root, corruptions, num_classes)
     return lambda name: [cifar_c_loader(images[name], labels, s, info["mean"], info["std"], args.batch_size)
                          for s in SEVERITIES]
+
+
+def clean_digits_error(net, device, batch_size):
+    """Top-1 error (%) on the clean digits test split, the reference point of relative CE."""
+    test = DigitsDataset(train=False)
+    batches = ((test.images[i:i + batch_size].repeat(1, 3, 1, 1), test.labels[i:i + batch_size])
+               for i in range(0, len(test), batch_size))
+    return 100.0 - evaluate(net, batches, device)["top1"]
+
+
+def output_path(args, dataset):
+    """``--out``, or ``<checkpoint stem>_corruptions_<dataset>.json`` beside the checkpoint."""
+    if args.out:
+        return args.out
+    stem = args.checkpoint
+    for suffix in (".tar", ".pth", ".pt"):
+        stem = stem[:-len(suffix)] if stem.endswith(suffix) else stem
+    return f"{stem}_corruptions_{dataset}.json"
 
 
 def run(args):
@@ -475,42 +470,52 @@ def run(args):
     if dataset not in DATASETS:
         raise CorruptionError(f"cannot tell which benchmark fits {args.checkpoint}; pass --dataset "
                               f"{'|'.join(DATASETS)}")
-    root = os.path.abspath(os.path.expanduser(args.data_path))
+    if dataset != "digits" and not args.data_path:
+        raise CorruptionError(f"--dataset {dataset} needs --data_path pointing at {_layout(dataset)}")
+    root = os.path.abspath(os.path.expanduser(args.data_path)) if args.data_path else None
+    out = output_path(args, dataset)
+    check_output(out, TAG, inputs=[args.checkpoint, args.baseline], force=args.force)
+    table = os.path.splitext(out)[0] + ".csv"     # ours when the JSON beside it is ours
+    if os.path.exists(table) and not args.force and not has_tag(out, TAG):
+        raise OutputError(f"{table} exists and was not written by this tool; pass another --out, or --force "
+                          f"to replace it")
     wanted = [c for item in args.corruptions for c in item.split(",") if c] if args.corruptions else None
     corruptions = select_corruptions(root, dataset, wanted)
-    device, gpus, notice = pick_device(args.gpus)
-    loaders = severity_loaders(args, dataset, root, corruptions, meta["num_classes"], device)
+    runtime = setup_runtime(args.gpus, allow_distributed=False)
+    loaders = severity_loaders(args, dataset, root, corruptions, meta["num_classes"], runtime.device)
     baseline = read_baseline(args.baseline) if args.baseline else None
     if baseline is not None:
         baseline_errors(baseline, corruptions)  # fail now, not after the whole evaluation
-    if notice:
-        print(notice)
-    model = model.to(device)
-    net = torch.nn.DataParallel(model, device_ids=gpus) if len(gpus) > 1 else model
+    if runtime.notice:
+        print(runtime.notice)
+    net = wrap_model(model.to(runtime.device), runtime)
+    clean_error = args.clean_error
+    if dataset == "digits" and clean_error is None:
+        clean_error = clean_digits_error(net, runtime.device, args.batch_size)
 
     per_corruption = {}
     for name in corruptions:
         started = time.time()
         try:
-            scores = [evaluate(net, loader, device) for loader in loaders(name)]
-        except OSError as exc:  # an unreadable or truncated image file of ImageNet-C
+            scores = [evaluate(net, loader, runtime.device) for loader in loaders(name)]
+        except OSError as exc:  # an unreadable image file of ImageNet-C
             raise CorruptionError(f"cannot read an image of corruption {name}: {exc}") from None
-        per_corruption[name] = {"correct": [c for c, _ in scores], "count": [n for _, n in scores]}
+        per_corruption[name] = {"correct": [s["correct"] for s in scores], "count": [s["count"] for s in scores]}
         print(f"{name}: {sum(per_corruption[name]['count'])} images in {time.time() - started:.1f} s", flush=True)
 
     table, mean_accuracy, severity_mean = summarise(per_corruption)
     results = {
-        "format_version": FORMAT_VERSION, "dataset": dataset, "data_path": root,
+        "format": TAG, "format_version": FORMAT_VERSION, "dataset": dataset, "data_path": root,
         "checkpoint": os.path.abspath(args.checkpoint), "model": meta["model"],
         "num_classes": meta["num_classes"], "severities": list(SEVERITIES), "corruptions": table,
         "mean_accuracy": mean_accuracy, "mean_error": 100.0 - mean_accuracy,
-        "severity_mean_accuracy": severity_mean, "clean_error": args.clean_error,
+        "severity_mean_accuracy": severity_mean, "clean_error": clean_error,
         "baseline": os.path.abspath(args.baseline) if args.baseline else None,
-        "ce": None, "mce": None, "relative_ce": None, "relative_mce": None,
+        "ce": None, "mce": None, "relative_ce": None, "relative_mce": None, "out": out,
     }
     if baseline is not None:
         results.update(corruption_errors(results, baseline))
-        if args.clean_error is not None and results["relative_mce"] is None:
+        if clean_error is not None and results["relative_mce"] is None:
             print(f"baseline {args.baseline} has no clean_error: relative mCE not computed")
     return results
 
@@ -520,13 +525,12 @@ def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
         results = run(args)
-        out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
-                                       f"corruptions_{results['dataset']}.json")
+        out = results.pop("out")
         try:
             csv_path = write_outputs(results, out)
         except OSError as exc:
             raise CorruptionError(f"cannot write {out} ({exc.strerror}); pass --out FILE.json") from None
-    except (CorruptionError, CheckpointError, DataError, DeviceError) as exc:
+    except (CorruptionError, CheckpointError, DataError, DeviceError, OutputError) as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         raise SystemExit(1) from None
     print(format_table(results))

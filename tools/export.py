@@ -60,6 +60,10 @@ num_classes)``, folded BatchNorms replaced by ``nn.Identity``, every binary conv
 :class:`modules.xnor.PackedBinaryConv2d` (``reference=True`` selects its XNOR-popcount path), then the
 remaining state dict loaded strictly; the result is in eval mode and is inference-only.
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.export " + " ".join(sys.argv[1:]))
+
 import argparse
 import io
 import os
@@ -73,8 +77,9 @@ from torch.utils.data import DataLoader
 import models
 from modules.binary import BinarizeConv2d
 from modules.xnor import PackedBinaryConv2d, pack_signs, set_xnor_reference
-from utils.checkpoint import CheckpointError, is_training_checkpoint, load_file, load_model_weights, save_atomic
+from utils.checkpoint import CheckpointError, load_file, read_model, save_atomic
 from utils.data import build_datasets
+from utils.outputs import OutputError, check_output
 
 __all__ = ["PACKED_FORMAT", "PACKED_VERSION", "ExportError", "input_spec", "find_bn_folds",
            "export_packed", "build_packed_model", "load_packed", "fp32_size_bytes", "serialized_size",
@@ -83,10 +88,6 @@ __all__ = ["PACKED_FORMAT", "PACKED_VERSION", "ExportError", "input_spec", "find
 PACKED_FORMAT = "lcr-bnn-packed"
 PACKED_VERSION = 1
 
-# The torchvision-named full-precision twins are the only ImageNet models without the ``_IR`` suffix.
-_IMAGENET_FP = ("resnet18_fp", "resnet34_fp")
-IMAGENET_SPEC = (1000, 224)  # classes, input side in pixels
-CIFAR_SPEC = (10, 32)
 
 
 class ExportError(Exception):
@@ -94,9 +95,9 @@ class ExportError(Exception):
 
 
 def input_spec(model_name):
-    """``(num_classes, image side in px)`` a zoo model is trained at: ImageNet or CIFAR defaults."""
-    imagenet = model_name.endswith("_IR") or model_name in _IMAGENET_FP
-    return IMAGENET_SPEC if imagenet else CIFAR_SPEC
+    """``(num_classes, image side in px)`` a zoo model is built for (its registry entry)."""
+    info = models.model_info(model_name)
+    return info.num_classes, info.image_size
 
 
 class _LeafBinaryTracer(torch.fx.Tracer):
@@ -322,28 +323,25 @@ def get_args_parser():
     p.add_argument("--reference", action="store_true",
                    help="run the check through the XNOR-popcount path (slow; default: unpacked F.conv2d)")
     p.add_argument("-b", "--batch_size", type=int, default=100, help="check batch size (default 100)")
+    p.add_argument("--force", action="store_true", help="replace an OUT that this tool did not write")
     return p
 
 
 def main(argv=None):
     args = get_args_parser().parse_args(argv)
     try:
-        obj = load_file(args.checkpoint)
-        if is_training_checkpoint(obj):
-            name = args.model or obj.get("model")
-            classes = args.num_classes if args.num_classes is not None else obj.get("num_classes")
-        else:
-            name, classes = args.model, args.num_classes
-            if name is None or classes is None:
-                raise ExportError(f"{args.checkpoint} is a bare state dict; pass --model and --num_classes")
-        model = models.create_model(name, num_classes=classes)
-        load_model_weights(model, obj, args.checkpoint, name, classes)
-        model.eval()
+        check_output(args.out, PACKED_FORMAT, inputs=[args.checkpoint], force=args.force, flag="OUT")
+        model, meta = read_model(args.checkpoint, args.model, args.num_classes)
+        name, classes = meta["model"], meta["num_classes"]
         packed = export_packed(model, name, classes, fold=not args.no_fold)
         save_atomic(packed, args.out)
         reloaded = load_packed(args.out, reference=args.reference)
-    except (CheckpointError, ExportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CheckpointError, ExportError, OutputError, ValueError) as exc:
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {args.out} ({exc.strerror or type(exc).__name__}); pass another OUT",
+              file=sys.stderr)
         return 2
     fp32, size = fp32_size_bytes(model), os.path.getsize(args.out)
     kept = sum(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in reloaded.modules())

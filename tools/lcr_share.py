@@ -6,6 +6,10 @@ standard-normal images with random labels; the script prints CE, the unweighted 
 
     python -m tools.lcr_share --alpha 8
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.lcr_share " + " ".join(sys.argv[1:]))
+
 import argparse
 
 import torch
@@ -15,18 +19,13 @@ import models
 from modules import set_ede_schedule
 from modules.lcr import LCR_SCALE, LipschitzRegularizer
 
-CASES = {  # name: (classes, batch, image side in pixels)
-    "resnet20_1w1a": (10, 128, 32),
-    "resnet18_1w1a": (10, 64, 32),
-    "vgg_small_1w1a": (10, 64, 32),
-    "resnet18_1w1a_IR": (1000, 16, 224),
-    "resnet34_1w1a_IR": (1000, 8, 224),
-}
+BATCH = {"cifar": 64, "imagenet": 8}  # images per measurement batch, by the model's family
 
 
 def measure(name, alpha, seed, scale=LCR_SCALE):
-    """(CE, L_LCR, share) for model ``name`` at initialisation."""
-    classes, batch, side = CASES[name]
+    """(CE, L_LCR, share) for model ``name`` at initialisation, on its family's input size and classes."""
+    info = models.model_info(name)
+    classes, side, batch = info.num_classes, info.image_size, BATCH[info.family]
     torch.manual_seed(seed)
     model = models.create_model(name, num_classes=classes)
     set_ede_schedule(model, 0, 1)
@@ -36,14 +35,16 @@ def measure(name, alpha, seed, scale=LCR_SCALE):
     with torch.no_grad(), reg.record():
         logits = model(x)
     ce = F.cross_entropy(logits, y).item()
-    lcr = reg.loss().item()
+    lcr = reg.loss()[0].item()
     return ce, lcr, alpha * scale * lcr / (ce + alpha * scale * lcr)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--alpha", type=float, default=8.0, help="LCR weight (default 8)")
-    p.add_argument("--models", nargs="+", default=list(CASES), choices=list(CASES), help="models to measure")
+    binary = models.list_models(binary=True)
+    p.add_argument("--models", nargs="+", default=binary, choices=binary,
+                   help="models to measure (default: every binary model)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
     print(f"LCR_SCALE c = {LCR_SCALE}, alpha = {args.alpha}")

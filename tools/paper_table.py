@@ -10,8 +10,13 @@ columns, one table line per (LCR form, alpha); runs set to different ``epochs`` 
 Several runs in one cell (seeds) show mean ± sample standard deviation and ``n``. Best: the highest
 validation accuracy of any epoch (``best_top1``); last: the final epoch's. ImageNet cells are
 ``top-1 / top-5``, CIFAR cells top-1, all in %. A run whose ``summary.csv`` has fewer rows than
-its ``epochs`` is marked unfinished.
+its ``epochs`` is marked unfinished; a folder without any completed epoch (a run that failed or was
+killed before its first epoch ended) is skipped and counted.
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.paper_table " + " ".join(sys.argv[1:]))
+
 import argparse
 import csv
 import json
@@ -194,6 +199,13 @@ def main(argv=None):
     if not folders:
         p.error(f"no run folder (one with args.json) in {' '.join(args.runs)}")
     runs = [read_run(f) for f in folders]
+    started = [r for r in runs if r["done"]]
+    if len(started) < len(runs):
+        print(f"skipped {len(runs) - len(started)} run folder(s) without a completed epoch (a run that failed or "
+              f"was stopped before its first epoch ended)")
+    runs = started
+    if not runs:
+        p.error(f"no run folder with a completed epoch in {' '.join(args.runs)}")
     print("Top-1 in % (ImageNet: top-1 / top-5). Best: highest validation accuracy of any epoch; last: final "
           "epoch. Ours: alpha > 0 -> LCR-BNN, alpha 0 -> IR-Net; several runs: mean ± sample std.")
     print()

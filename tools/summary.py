@@ -29,6 +29,10 @@ ResNet-34 (-0.05 %). The published numbers have three significant digits and do 
 classifier is in them; both explain a difference below 1 %. Our IR ResNets keep the stem and the 1x1
 downsampling convolutions in full precision, as Bi-Real Net does.
 """
+if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
+    import sys
+    sys.exit("run the tools from the repository root as modules: python -m tools.summary " + " ".join(sys.argv[1:]))
+
 import argparse
 import math
 import os

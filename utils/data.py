@@ -8,15 +8,18 @@ Any problem with the data surfaces as :class:`DataError` whose message is one
 line saying what to do about it.
 """
 
+import math
 import os
 import pickle
+import sys
+import warnings
 from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
 from torchvision.datasets import utils as tv_download
@@ -185,12 +188,28 @@ def _corrupt(label, path, reason):
                      "delete it and pass --download, or replace it with an intact copy")
 
 
+# What CIFAR's pickles hold besides dicts, lists, ints and strings: numpy arrays, which pickle as
+# the three numpy globals (numpy 2 moved numpy.core to numpy._core), and, in files that Python 3
+# writes with protocol 2, bytes, which pickle as _codecs.encode(text, "latin1").
+_CIFAR_PICKLE_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds nothing but what CIFAR's files hold, so a crafted file runs no code."""
+
+    def find_class(self, module, name):
+        if (module, name) not in _CIFAR_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a CIFAR file never holds")
+        return super().find_class(module, name)
+
+
 def _read_pickle(path, label):
     try:
         with open(path, "rb") as handle:
             # CIFAR's pickles come from Python 2; latin1 is the decoding that
             # keeps their numpy byte buffers intact.
-            entry = pickle.load(handle, encoding="latin1")
+            entry = _CifarUnpickler(handle, encoding="latin1").load()
     # Unpickling garbage can fail with almost any exception type.
     except Exception as err:
         raise _corrupt(label, path, f"{type(err).__name__}: {_one_line(err)}") from err
@@ -306,6 +325,66 @@ def _build_cifar(spec, name, data_path, download):
 # --- ImageNet --------------------------------------------------------------
 
 
+def imagenet_train_transform():
+    """Training preset: random resized crop to 224, horizontal flip, normalise."""
+    return transforms.Compose([transforms.RandomResizedCrop(IMAGENET_IMAGE_SIZE_PX), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def imagenet_val_transform(image_size=IMAGENET_IMAGE_SIZE_PX, resize=IMAGENET_RESIZE_PX):
+    """Validation preset: resize the short side to 256, centre crop 224, normalise."""
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(image_size),
+                               transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def imagenet_c_transform(image_size=IMAGENET_IMAGE_SIZE_PX):
+    """ImageNet-C preset: the images are stored at 224 x 224 already, so centre crop 224 and
+    normalise, with no resize (Hendrycks and Dietterich's evaluation)."""
+    return transforms.Compose([transforms.CenterCrop(image_size), transforms.ToTensor(),
+                               transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+# What reading an unreadable image raises: PIL's errors for missing, foreign or truncated data
+# (OSError, SyntaxError, ValueError) and for a header claiming an enormous size.
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                           Image.DecompressionBombWarning)
+
+
+def read_rgb_image(path):
+    """The image at ``path`` as RGB; a header claiming more than PIL's pixel limit is an error too."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+
+
+class ImageFolderSkippingUnreadable(tv_datasets.ImageFolder):
+    """``ImageFolder`` whose unreadable images (empty, not an image, truncated, an enormous header)
+    are skipped: the item is ``None`` (:func:`collate_skipping_none` drops it) and one warning line
+    names the file. The epoch goes on; the training and evaluation loops report how many images
+    they saw, so a skipped image never passes unnoticed."""
+
+    def __init__(self, root, transform=None):
+        super().__init__(root, transform=transform, loader=read_rgb_image)
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except UNREADABLE_IMAGE_ERRORS as err:
+            print(f"warning: skipping unreadable image {path} ({type(err).__name__}: {_one_line(err)[:200]})",
+                  file=sys.stderr, flush=True)
+            return None
+        return (self.transform(image) if self.transform is not None else image), target
+
+
+def collate_skipping_none(batch):
+    """``default_collate`` of the items that are not None; None when none is left."""
+    batch = [item for item in batch if item is not None]
+    return default_collate(batch) if batch else None
+
+
 def _class_folders(split_dir):
     # Same rule as torchvision's find_classes, so the lists compared here are
     # the ones ImageFolder will index.
@@ -335,25 +414,11 @@ def _build_imagenet(data_path):
             f"only in val: {_short_list(only_val) or 'none'}); "
             "both splits need the same class folders"
         )
-    normalise = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    split_transforms = {
-        "train": transforms.Compose([
-            transforms.RandomResizedCrop(IMAGENET_IMAGE_SIZE_PX),
-            transforms.RandomHorizontalFlip(),
-            transforms.ToTensor(),
-            normalise,
-        ]),
-        "val": transforms.Compose([
-            transforms.Resize(IMAGENET_RESIZE_PX),
-            transforms.CenterCrop(IMAGENET_IMAGE_SIZE_PX),
-            transforms.ToTensor(),
-            normalise,
-        ]),
-    }
+    split_transforms = {"train": imagenet_train_transform(), "val": imagenet_val_transform()}
     sets = {}
     for split, split_dir in split_dirs.items():
         try:
-            sets[split] = tv_datasets.ImageFolder(split_dir, transform=split_transforms[split])
+            sets[split] = ImageFolderSkippingUnreadable(split_dir, transform=split_transforms[split])
         # ImageFolder raises this when a class folder holds no image files.
         except FileNotFoundError as err:
             raise DataError(
@@ -367,7 +432,8 @@ def _build_imagenet(data_path):
 
 
 @lru_cache(maxsize=1)
-def _digits_arrays():
+def _digits_unit_images():
+    """All 1797 digits in [0, 1], upsampled to 1 x 32 x 32, their labels and the fixed split indices."""
     # scikit-learn takes about a second to import and only digits needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -376,16 +442,28 @@ def _digits_arrays():
     pixels = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / DIGITS_MAX_INTENSITY
     upsampled = F.interpolate(pixels, size=(DIGITS_IMAGE_SIZE_PX, DIGITS_IMAGE_SIZE_PX),
                               mode="bilinear", align_corners=False)
-    # Stored as one grey channel; the three channels are identical anyway.
-    normalised = (upsampled - DIGITS_MEAN[0]) / DIGITS_STD[0]
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=DIGITS_TEST_FRACTION,
                                           stratify=bunch.target, random_state=DIGITS_SPLIT_SEED)
-    train_idx, val_idx = torch.as_tensor(train_idx), torch.as_tensor(val_idx)
-    return {
-        True: (normalised[train_idx], labels[train_idx]),
-        False: (normalised[val_idx], labels[val_idx]),
-    }
+    return upsampled, labels, {True: torch.as_tensor(train_idx), False: torch.as_tensor(val_idx)}
+
+
+def digits_unit_images(train):
+    """One split of the digits before normalisation: ``(N x 1 x 32 x 32 in [0, 1], int64 labels)``."""
+    images, labels, split = _digits_unit_images()
+    return images[split[train]], labels[split[train]]
+
+
+@lru_cache(maxsize=1)
+def _digits_arrays():
+    # Stored as one grey channel; the three channels are identical anyway.
+    return {train: (normalise_digits(images), labels)
+            for train, (images, labels) in ((t, digits_unit_images(t)) for t in (True, False))}
+
+
+def normalise_digits(images):
+    """Digits in [0, 1] (N x 1 x 32 x 32) -> the normalised grey channel the dataset yields."""
+    return (images - DIGITS_MEAN[0]) / DIGITS_STD[0]
 
 
 def _random_crop(image, padding_px):
@@ -471,3 +549,65 @@ def _build_fake(fake_size, fake_image_size, fake_num_classes):
     return (FakeImages(n_train, image_size, num_classes, "train"),
             FakeImages(n_val, image_size, num_classes, "val"),
             num_classes)
+
+
+# --- loaders ---------------------------------------------------------------
+
+
+class ShardSampler(Sampler):
+    """Every ``world_size``-th index from ``rank``, no padding: the shards cover the set exactly once."""
+
+    def __init__(self, length, rank, world_size):
+        self.indices = list(range(rank, length, world_size))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def per_rank_training_images(length, world_size):
+    """Images each process trains on per epoch: DistributedSampler pads every shard to the rounded-up share."""
+    return math.ceil(length / world_size)
+
+
+def build_loaders(train_set, val_set, args, runtime):
+    """Training and validation loaders; DDP shards both, the validation shards without padding.
+
+    Returns ``(train, val, generator)``; the training loop reseeds ``generator`` every epoch. The
+    last training batch is dropped when it would hold a single image (BatchNorm cannot train on one).
+    """
+    from utils.device_data import DeviceLoader
+    per_rank = args.batch_size // runtime.world_size
+    per_rank_test = max(args.batch_size_test // runtime.world_size, 1)
+    if per_rank < 2:
+        raise DataError(f"--batch_size {args.batch_size} over {runtime.world_size} processes leaves {per_rank} "
+                        f"image per batch; BatchNorm needs at least 2: pass a larger --batch_size")
+    images = per_rank_training_images(len(train_set), runtime.world_size)
+    if images < 2:
+        raise DataError(f"the training set has {len(train_set)} images, {images} per process; BatchNorm needs "
+                        f"at least 2 per batch: use a larger training set")
+    drop_last = images % per_rank == 1
+    pin = runtime.device.type == "cuda"
+    generator = torch.Generator()
+    if getattr(args, "gpu_data", False):
+        if not hasattr(train_set, "images") or args.dataset not in ("cifar10", "cifar100"):
+            raise DataError(f"--gpu_data works with cifar10/cifar100, not {args.dataset}; drop --gpu_data")
+        info = dataset_info(args.dataset)
+        shard = dict(rank=runtime.rank, world_size=runtime.world_size)
+        train = DeviceLoader(train_set.images, train_set.labels, per_rank, info["mean"], info["std"],
+                             runtime.device, True, generator, drop_last=drop_last, **shard)
+        val = DeviceLoader(val_set.images, val_set.labels, per_rank_test, info["mean"], info["std"],
+                           runtime.device, False, **shard)
+        return train, val, generator
+    train_sampler = None
+    if runtime.distributed:
+        train_sampler = DistributedSampler(train_set, runtime.world_size, runtime.rank, shuffle=True, seed=args.seed)
+    train = DataLoader(train_set, per_rank, shuffle=train_sampler is None, sampler=train_sampler,
+                       num_workers=args.workers, pin_memory=pin, drop_last=drop_last, generator=generator,
+                       collate_fn=collate_skipping_none)
+    val = DataLoader(val_set, per_rank_test, shuffle=False, num_workers=args.workers, pin_memory=pin,
+                     sampler=ShardSampler(len(val_set), runtime.rank, runtime.world_size),
+                     collate_fn=collate_skipping_none)
+    return train, val, generator

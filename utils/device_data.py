@@ -34,8 +34,10 @@ class DeviceLoader:
 
     ``images``: N x H x W x C uint8 (CIFAR's layout), ``labels``: N ints. ``train`` shuffles and
     augments; otherwise batches come in order, unaugmented. ``rank``/``world_size`` shard each
-    epoch's order (every ``world_size``-th index) for DDP. ``generator`` is a CPU generator that the
-    training loop reseeds every epoch.
+    epoch's order (every ``world_size``-th index) for DDP; in training the order is first padded by
+    wrapping around to a multiple of ``world_size``, as DistributedSampler does, so every process
+    runs the same number of steps. ``generator`` is a CPU generator that the training loop reseeds
+    every epoch.
     """
 
     def __init__(self, images, labels, batch_size, mean, std, device, train, generator=None,
@@ -50,11 +52,19 @@ class DeviceLoader:
 
     def _indices(self):
         n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.train else torch.arange(n)
+        if not self.train:
+            return torch.arange(n)[self.rank::self.world_size]
+        order = torch.randperm(n, generator=self.generator)
+        padded = math.ceil(n / self.world_size) * self.world_size
+        order = torch.cat([order, order[:padded - n]])
         return order[self.rank::self.world_size]
 
+    def _count(self):
+        n = len(self.labels)
+        return math.ceil(n / self.world_size) if self.train else len(range(self.rank, n, self.world_size))
+
     def __len__(self):
-        count = len(range(self.rank, len(self.labels), self.world_size))
+        count = self._count()
         return count // self.batch_size if self.drop_last else math.ceil(count / self.batch_size)
 
     def __iter__(self):

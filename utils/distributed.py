@@ -4,12 +4,15 @@
   ``init_process_group`` from env://, NCCL on GPU and gloo on CPU.
 - Otherwise ``--gpus 0,1,3`` picks GPUs for one process (DataParallel over more than one).
 - No GPU on the machine: CPU with one notice line, whatever ``--gpus`` says.
+
+The training scripts and every tool pick their device here (:func:`setup_runtime`).
 """
 import dataclasses
 import os
 
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 
 
 class DeviceError(Exception):
@@ -24,6 +27,7 @@ class Runtime:
     world_size: int = 1
     distributed: bool = False
     notice: str = ""
+    threads: int = 0
 
     @property
     def is_main(self):
@@ -42,9 +46,22 @@ def parse_gpus(text):
         raise DeviceError(f"--gpus takes GPU ids such as 0 or 0,1,3 (or cpu), got {text!r}") from None
 
 
-def setup_runtime(gpus_flag):
-    """Pick the device(s) and start the process group under torchrun."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+def setup_runtime(gpus_flag, threads=0, allow_distributed=True):
+    """Pick the device(s), start the process group under torchrun, and set torch's CPU threads.
+
+    ``threads`` > 0 sets that many; 0 means one thread when the run is on the CPU (on a busy 2-core
+    machine torch's default of 2 ran the quick start about 9x slower, README "Threads") and torch's
+    own choice otherwise. The count used is ``runtime.threads``.
+    """
+    runtime = _pick_devices(gpus_flag, allow_distributed)
+    if threads > 0 or runtime.device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+    runtime.threads = torch.get_num_threads()
+    return runtime
+
+
+def _pick_devices(gpus_flag, allow_distributed):
+    if allow_distributed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return _setup_distributed()
     gpus = parse_gpus(gpus_flag)
     if not gpus:
@@ -75,6 +92,16 @@ def _setup_distributed():
         device, backend = torch.device("cpu"), "gloo"
     dist.init_process_group(backend=backend, init_method="env://")
     return Runtime(device, [device.index] if device.type == "cuda" else [], rank, world, True)
+
+
+def wrap_model(model, runtime):
+    """DDP under torchrun, DataParallel over several --gpus, the bare model otherwise."""
+    if runtime.distributed:
+        ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if len(runtime.gpus) > 1:
+        return nn.DataParallel(model, device_ids=runtime.gpus)
+    return model
 
 
 def all_reduce_sum(values, runtime):

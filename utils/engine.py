@@ -1,4 +1,8 @@
-"""One training epoch and one evaluation pass; both return plain dicts of metrics."""
+"""One training step, one training epoch and one evaluation pass; each returns a plain dict of metrics.
+
+:func:`evaluate` is the project's only evaluation loop: the training scripts, ``-e`` and the tools
+(corruption benchmarks, export checks) all call it.
+"""
 import contextlib
 import math
 import time
@@ -29,11 +33,13 @@ def _to_device(images, target, device, channels_last):
 
 
 def train_step(model, regularizer, images, target, optimizer, weight, amp=False, check_finite=None):
-    """One SGD step on ``CE + weight * regularizer.loss()`` (just CE when ``regularizer`` is None).
+    """One SGD step on ``CE + weight * lcr`` with ``lcr, logs = regularizer.loss()`` (just CE when
+    ``regularizer`` is None).
 
     ``check_finite(value) -> message``: when given, a non-finite loss raises
     :class:`NonFiniteLossError` with that message before any parameter changes. Returns a dict of
-    tensors: logits, loss, ce, lcr (None without regulariser) and ratios (per-layer sigma_B/sigma_F).
+    tensors: logits, loss, ce, lcr (None without regulariser) and ratios (per-layer sigma_B/sigma_F
+    of the paper form, else None).
     """
     with autocast(images.device, amp):
         if regularizer is None:
@@ -44,8 +50,8 @@ def train_step(model, regularizer, images, target, optimizer, weight, amp=False,
             with regularizer.record():
                 logits = model(images)
             ce = F.cross_entropy(logits, target)
-            lcr = regularizer.loss()
-            ratios = regularizer.stats()
+            lcr, logs = regularizer.loss()
+            ratios = logs.get("sigma_ratio")
             loss = ce + weight * lcr
     if check_finite is not None and not math.isfinite(loss.item()):
         raise NonFiniteLossError(check_finite(loss.item()))
@@ -56,28 +62,38 @@ def train_step(model, regularizer, images, target, optimizer, weight, amp=False,
             "lcr": None if lcr is None else lcr.detach(), "ratios": ratios}
 
 
+def print_every(n_iter, print_freq):
+    """Iterations between progress lines: ``print_freq``, or about five lines per epoch when it is 0."""
+    return print_freq if print_freq > 0 else max(1, n_iter // 5)
+
+
 def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args, logger):
     """Train for one epoch; ``regularizer`` is None when ``--alpha 0`` (plain IR-Net, nothing recorded).
 
-    Returns the epoch's averages: loss, ce, lcr, lcr_share, top1, top5, img_s, data_time, and
-    ``sigma_ratio`` (per binary layer, mean sigma_B / sigma_F over the epoch's batches) when the
-    regulariser is on.
+    Returns the epoch's averages: loss, ce, lcr, lcr_share, top1, top5, img_s, data_time, images,
+    and ``sigma_ratio`` (per binary layer, mean sigma_B / sigma_F over the epoch's batches) when the
+    paper form is on. Progress lines show the running averages, the average images/s so far and the
+    time left in the epoch.
     """
     model.train()
     meters = {name: AverageMeter(name) for name in ("loss", "ce", "lcr", "top1", "top5")}
-    batch_time, data_time = AverageMeter("time", ":.3f"), AverageMeter("data", ":.3f")
+    data_time = AverageMeter("data", ":.3f")
     weight = args.alpha * (regularizer.weight_scale if regularizer is not None else 0.0)
-    ratio_sum = None
+    ratio_sum, ratio_steps = None, 0
     n_iter = len(loader)
-    end = time.perf_counter()
-    for it, (images, target) in enumerate(loader):
-        images, target = _to_device(images, target, runtime.device, args.channels_last)
+    every = print_every(n_iter, args.print_freq)
+    started = end = time.perf_counter()
+    for it, batch in enumerate(loader):
+        if batch is None:           # every image of the batch was unreadable (and named on stderr)
+            continue
+        images, target = _to_device(*batch, runtime.device, args.channels_last)
         data_time.update(time.perf_counter() - end)
         step = train_step(model, regularizer, images, target, optimizer, weight, args.amp,
                           check_finite=lambda value: f"loss is {value} at epoch {epoch} iteration {it}")
         logits, loss, ce, lcr = step["logits"], step["loss"], step["ce"], step["lcr"]
         if step["ratios"] is not None:
             ratio_sum = step["ratios"] if ratio_sum is None else ratio_sum + step["ratios"]
+            ratio_steps += 1
 
         n = images.shape[0]
         top1, top5 = accuracy_counts(logits, target)
@@ -86,37 +102,58 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
         meters["lcr"].update(0.0 if lcr is None else lcr.item(), n)
         meters["top1"].update(100.0 * top1 / n, n)
         meters["top5"].update(100.0 * top5 / n, n)
-        batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
-        if it % args.print_freq == 0 or it == n_iter - 1:
-            imgs = n * runtime.world_size / max(batch_time.val, 1e-9)
+        if (it + 1) % every == 0 or it == n_iter - 1:
+            elapsed = end - started
+            img_s = meters["loss"].count * runtime.world_size / max(elapsed, 1e-9)
+            left = elapsed / (it + 1) * (n_iter - it - 1)
             logger.info(f"Epoch [{epoch}][{it + 1}/{n_iter}] " + "  ".join(str(m) for m in meters.values())
-                        + f"  {imgs:.0f} img/s  {data_time}")
+                        + f"  {img_s:.0f} img/s  {data_time}  eta {format_seconds(left)}")
+    elapsed = time.perf_counter() - started
     stats = {name: m.avg for name, m in meters.items()}
     stats["lcr_share"] = weight * stats["lcr"] / stats["loss"] if stats["loss"] > 0 else 0.0
-    stats["img_s"] = meters["loss"].count * runtime.world_size / max(batch_time.sum, 1e-9)
+    stats["img_s"] = meters["loss"].count * runtime.world_size / max(elapsed, 1e-9)
     stats["data_time"] = data_time.avg
+    stats["images"] = meters["loss"].count
     if ratio_sum is not None:
-        stats["sigma_ratio"] = (ratio_sum / n_iter).tolist()
+        stats["sigma_ratio"] = (ratio_sum / ratio_steps).tolist()
     return stats
 
 
+def format_seconds(seconds):
+    """``1h02m``, ``3m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
 @torch.no_grad()
-def evaluate(model, loader, runtime, args):
-    """Loss, top-1 and top-5 (%) over exactly the whole validation set, reduced over all ranks."""
+def evaluate(model, batches, device, amp=False, channels_last=False, runtime=None):
+    """Loss, top-1 and top-5 (%) of ``model`` over an iterable of ``(images, labels)`` batches.
+
+    Summed over all processes when ``runtime`` is distributed (each process gives its shard), so the
+    numbers cover exactly the whole set. Also returns ``count`` (images seen) and ``correct``
+    (top-1 hits). Batches that are None (all images unreadable) are skipped.
+    """
     model.eval()
     loss_sum, top1, top5, count = 0.0, 0, 0, 0
-    for images, target in loader:
-        images, target = _to_device(images, target, runtime.device, args.channels_last)
-        with autocast(runtime.device, args.amp):
+    for batch in batches:
+        if batch is None:
+            continue
+        images, target = _to_device(*batch, device, channels_last)
+        with autocast(device, amp):
             logits = model(images)
         loss_sum += F.cross_entropy(logits.float(), target, reduction="sum").item()
         c1, c5 = accuracy_counts(logits, target)
         top1, top5, count = top1 + c1, top5 + c5, count + images.shape[0]
-    loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], runtime)
-    count = max(count, 1)
-    return {"loss": loss_sum / count, "top1": 100.0 * top1 / count, "top5": 100.0 * top5 / count,
-            "count": int(count)}
+    if runtime is not None:
+        loss_sum, top1, top5, count = all_reduce_sum([loss_sum, top1, top5, count], runtime)
+    total = max(count, 1)
+    return {"loss": loss_sum / total, "top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total,
+            "count": int(count), "correct": int(round(top1))}
 
 
 @torch.no_grad()

@@ -1,6 +1,4 @@
-"""Meters and run records: running averages, the log file, tensorboard scalars and ``summary.csv``."""
-import csv
-import json
+"""Meters and logging: running averages, the console and log file, tensorboard scalars."""
 import logging
 import os
 import sys
@@ -37,16 +35,28 @@ def accuracy_counts(logits, target, topk=(1, 5)):
     return [hit[:, :min(k, maxk)].any(dim=1).sum().item() for k in topk]
 
 
+class _BelowError(logging.Filter):
+    """Lets through what is not an error: errors reach the terminal once, on stderr (utils.trainer.main)."""
+
+    def filter(self, record):
+        return record.levelno < logging.ERROR
+
+
 def get_logger(save_path, is_main):
-    """Logger printing to stdout and appending to ``<save_path>/log.txt`` (rank 0; no file when
-    ``save_path`` is None); warnings only elsewhere."""
+    """Logger printing to stdout and appending to ``<save_path>/log.txt`` on rank 0 (no file when
+    ``save_path`` is None); silent on the other ranks. Errors go to the file only: the entry point
+    prints each error once, on stderr."""
     logger = logging.getLogger(f"lcr.{save_path}")
+    for handler in logger.handlers:
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
-    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    logger.setLevel(logging.INFO if is_main else logging.CRITICAL + 1)
     if is_main:
         fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
-        handlers = [logging.StreamHandler(sys.stdout)]
+        console = logging.StreamHandler(sys.stdout)
+        console.addFilter(_BelowError())
+        handlers = [console]
         if save_path is not None:
             handlers.append(logging.FileHandler(os.path.join(save_path, "log.txt")))
         for handler in handlers:
@@ -55,25 +65,11 @@ def get_logger(save_path, is_main):
     return logger
 
 
-def save_args(args, save_path):
-    """Write the resolved arguments to ``<save_path>/args.json``."""
-    with open(os.path.join(save_path, "args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2, sort_keys=True)
-
-
-def write_summary(history, path):
-    """Rewrite ``summary.csv`` from the list of per-epoch metric dicts (atomic rename)."""
-    if not history:
-        return
-    fields = []
-    for row in history:
-        fields += [k for k in row if k not in fields]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+def close_logger(logger):
+    """Close the logger's files (before its run folder may be removed)."""
+    for handler in logger.handlers:
+        handler.close()
+    logger.handlers.clear()
 
 
 class TensorBoard:
@@ -92,6 +88,13 @@ class TensorBoard:
             if isinstance(value, (int, float)) or (torch.is_tensor(value) and value.numel() == 1):
                 self.writer.add_scalar(prefix + key, float(value), step)
         self.writer.flush()
+
+    def epoch(self, row):
+        """An epoch's ``summary.csv`` row as scalars; per-layer sigma ratios under ``sigma_ratio/``."""
+        epoch = row["epoch"]
+        self.scalars({k: v for k, v in row.items() if k != "epoch" and not k.startswith("sigma_ratio_")}, epoch)
+        self.scalars({f"layer{k[len('sigma_ratio_'):]}": v for k, v in row.items()
+                      if k.startswith("sigma_ratio_") and k != "sigma_ratio_mean"}, epoch, prefix="sigma_ratio/")
 
     def close(self):
         if self.writer is not None:

@@ -1,22 +1,30 @@
 """Command-line flags shared by ``cifar/main.py`` and ``imagenet/main.py``.
 
 The flag names are the released code's (``--data_path``, ``--gpus``, ``--alpha``, ``-bt``, ...), so
-the commands in the paper's README work as typed. Each script passes its dataset's defaults.
+the commands in the paper's README work as typed. Each script passes its dataset family's defaults.
+The training recipe (epochs, batch size, lr, momentum, weight decay, lr schedule, EDE range) comes
+from the chosen model's registry entry (``models/recipes.py``) for every such flag the user does
+not give; the resolved values are what the run records.
 """
 import argparse
+import math
+import os
 
 import models
-from modules.lcr import VARIANTS
+from models.recipes import FLAGS as RECIPE_FLAGS
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RESULTS_DIR = os.path.join(REPO_ROOT, "results")
+VARIANTS = ("paper", "official")
+MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds below 2**32; torch and Python take these too
 
 CIFAR_DEFAULTS = dict(
-    dataset="cifar10", datasets=("cifar10", "cifar100", "digits", "fake"), model="resnet20_1w1a",
-    model_fp="resnet20_fp", data_path="./data", epochs=400, batch_size=256, batch_size_test=256,
-    lr=0.1, weight_decay=1e-4, workers=4, fake_image_size=32,
+    family="cifar", family_label="CIFAR-size (32 px)", dataset="cifar10", datasets=("cifar10", "cifar100", "digits", "fake"),
+    model="resnet20_1w1a", data_path="./data", batch_size_test=256, workers=4,
 )
 IMAGENET_DEFAULTS = dict(
-    dataset="imagenet", datasets=("imagenet", "fake"), model="resnet18_1w1a_IR",
-    model_fp="resnet18_fp", data_path=None, epochs=100, batch_size=128, batch_size_test=128,
-    lr=0.1, weight_decay=1e-4, workers=8, fake_image_size=224,
+    family="imagenet", family_label="ImageNet-size (224 px)", dataset="imagenet", datasets=("imagenet", "fake"), model="resnet18_1w1a_IR",
+    data_path=None, batch_size_test=128, workers=8,
 )
 
 
@@ -28,111 +36,187 @@ def _int_list(text):
         raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
 
 
+def _models_of(family):
+    return [n for n in models.list_models() if models.model_info(n).family == family]
+
+
 def get_args_parser(defaults, description):
-    """The argument parser of a training script whose dataset defaults are ``defaults``."""
+    """The argument parser of a training script whose dataset family's defaults are ``defaults``."""
     d = defaults
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    names = _models_of(d["family"])
+    recipe = "(default: the model's recipe, docs/METHOD.md section 5)"
+    p = argparse.ArgumentParser(description=description)
 
     g = p.add_argument_group("run and output")
-    g.add_argument("--results_dir", default="./results", help="folder that holds run folders")
-    g.add_argument("--save", default="", help="suffix of the run folder <results_dir>/<model><save>/")
+    g.add_argument("--results_dir", default=DEFAULT_RESULTS_DIR,
+                   help="folder that holds run folders (default: results/ at the repository root)")
+    g.add_argument("--save", default="", help="suffix of the run folder <results_dir>/<model><save>/ (default: none)")
     g.add_argument("--resume", nargs="?", const="auto", default="",
-                   help="resume from the run folder's checkpoint.pth.tar (no value) or from FILE")
+                   help="continue the run folder's checkpoint.pth.tar (no value), or start this run folder from "
+                        "FILE (default: a fresh run)")
     g.add_argument("-e", "--evaluate", metavar="FILE", default="",
-                   help="evaluate a checkpoint or bare state dict on the whole validation set and exit")
-    g.add_argument("--seed", type=int, default=1234, help="random seed of the whole run")
-    g.add_argument("-p", "--print_freq", type=int, default=100, help="print every N iterations")
+                   help="evaluate a checkpoint or bare state dict on the whole validation set, write "
+                        "<FILE stem>_eval_<dataset>.json and exit; the model and dataset default to the "
+                        "checkpoint's (default: train)")
+    g.add_argument("--seed", type=int, default=1234, help=f"random seed of the whole run, 0..{MAX_SEED} (default: 1234)")
+    g.add_argument("-p", "--print_freq", type=int, default=0,
+                   help="print every N iterations (default: 0, about 5 lines per epoch)")
     g.add_argument("--time_estimate", type=int, default=1,
-                   help="1: print the estimated finish time after every epoch, 0: do not")
+                   help="1: print the estimated finish time after every epoch, 0: do not (default: 1)")
+    g.add_argument("--threads", type=int, default=0,
+                   help="CPU threads of torch (default: 0, meaning 1 on a CPU-only run, which is several times "
+                        "faster than 2 on a busy 2-core machine, and torch's own choice on GPU)")
 
     g = p.add_argument_group("model")
-    g.add_argument("-a", "--model", default=d["model"], choices=models.list_models(), metavar="NAME",
-                   help="binary network to train; one of: " + ", ".join(models.list_models()))
-    g.add_argument("--model_fp", default=d["model_fp"], choices=models.list_models(), metavar="NAME",
-                   help="frozen full-precision network of the official LCR form")
+    g.add_argument("-a", "--model", default=None, choices=names, metavar="NAME",
+                   help=f"{d['family_label']} network, one of: {', '.join(names)} (default: {d['model']}; "
+                        f"with -e the checkpoint's)")
+    g.add_argument("--model_fp", default=None, choices=names, metavar="NAME",
+                   help="frozen full-precision network of the official LCR form (default: the model's FP twin)")
 
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d["dataset"], choices=d["datasets"], help="dataset")
-    g.add_argument("--data_path", default=d["data_path"], help="dataset folder")
-    g.add_argument("--download", action="store_true", help="download CIFAR into --data_path if missing")
-    g.add_argument("-j", "--workers", type=int, default=d["workers"], help="data loading processes")
-    g.add_argument("--fake_size", type=_int_list, default=[512, 256],
-                   help="train,val images of the synthetic 'fake' dataset")
-    g.add_argument("--fake_image_size", type=int, default=d["fake_image_size"],
-                   help="side of a 'fake' image, pixels")
+    g.add_argument("--dataset", default=None, choices=d["datasets"],
+                   help=f"dataset, one of {', '.join(d['datasets'])} (default: {d['dataset']}; with -e the "
+                        f"checkpoint's)")
+    g.add_argument("--data_path", default=None,
+                   help=f"dataset folder (default: {d['data_path']}; with -e the checkpoint's)")
+    if d["family"] == "cifar":
+        g.add_argument("--download", action="store_true", help="download CIFAR into --data_path if missing")
+        g.add_argument("--gpu_data", action="store_true",
+                       help="keep the CIFAR training set on the training device and augment there (no workers)")
+    g.add_argument("-j", "--workers", type=int, default=d["workers"],
+                   help=f"data loading processes (default: {d['workers']})")
+    g.add_argument("--fake_size", type=_int_list, default=None,
+                   help="train,val images of the synthetic 'fake' dataset (default: 512,256; with -e the checkpoint's)")
+    image = models.registry.FAMILIES[d["family"]]["image_size"]
+    g.add_argument("--fake_image_size", type=int, default=None,
+                   help=f"side of a 'fake' image in pixels (default: {image}; with -e the checkpoint's)")
 
     g = p.add_argument_group("device")
     g.add_argument("--gpus", default="0",
-                   help="GPU ids, e.g. 0 or 0,1,3 (DataParallel); 'cpu' or no GPU present: CPU")
-    g.add_argument("--type", default="torch.cuda.FloatTensor",
-                   help="accepted for compatibility with the released scripts; the device follows --gpus")
-    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (LCR math stays fp32)")
+                   help="GPU ids, e.g. 0 or 0,1,3 (DataParallel); 'cpu' or no GPU present: CPU (default: 0)")
+    g.add_argument("--type", default=None,
+                   help="accepted for compatibility with the released scripts and ignored; the device follows --gpus")
+    g.add_argument("--amp", action="store_true", help="bfloat16 autocast on GPU (the LCR maths stays fp32)")
     g.add_argument("--channels_last", action="store_true", help="channels-last memory format")
-    g.add_argument("--gpu_data", action="store_true",
-                   help="CIFAR: keep the data set on the training device and augment there (no workers)")
 
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d["epochs"], help="total epochs")
+    g = p.add_argument_group("optimisation (defaults: the model's recipe)")
+    g.add_argument("--epochs", type=int, default=None, help=f"total epochs {recipe}")
     g.add_argument("--start_epoch", type=int, default=0,
-                   help="epoch to start from (0-based; also shifts the lr and EDE schedules)")
-    g.add_argument("-b", "--batch_size", type=int, default=d["batch_size"],
-                   help="training batch size over all devices, images")
+                   help="epoch to start from, 0-based; also shifts the lr and EDE schedules (default: 0)")
+    g.add_argument("-b", "--batch_size", type=int, default=None,
+                   help=f"training batch size over all devices, images {recipe}")
     g.add_argument("-bt", "--batch_size_test", type=int, default=d["batch_size_test"],
-                   help="evaluation batch size, images")
-    g.add_argument("--lr", type=float, default=d["lr"], help="initial learning rate")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    g.add_argument("--weight_decay", type=float, default=d["weight_decay"], help="SGD weight decay")
-    g.add_argument("--lr_type", default="cos", choices=("cos", "step"),
-                   help="cos: cosine annealing per epoch to 0; step: x0.1 at --lr_decay_step")
+                   help=f"evaluation batch size, images (default: {d['batch_size_test']})")
+    g.add_argument("--lr", type=float, default=None, help=f"initial learning rate {recipe}")
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD momentum in [0, 1) {recipe}")
+    g.add_argument("--weight_decay", type=float, default=None, help=f"SGD weight decay {recipe}")
+    g.add_argument("--lr_type", default=None, choices=("cos", "step"),
+                   help=f"cos: cosine annealing per epoch to 0; step: x0.1 at --lr_decay_step {recipe}")
     g.add_argument("--lr_decay_step", type=_int_list, default=[30, 60, 90],
-                   help="epochs at which --lr_type step multiplies the lr by 0.1, e.g. 30,60,90")
-    g.add_argument("--warm_up", action="store_true", help="linear lr warm-up over the first 5 epochs")
-    g.add_argument("--Tmin", type=float, default=1e-3, help="EDE t at the first epoch")
-    g.add_argument("--Tmax", type=float, default=10.0, help="EDE t at the end of training")
+                   help="epochs at which --lr_type step multiplies the lr by 0.1 (default: 30,60,90)")
+    g.add_argument("--warm_up", action="store_true", default=None,
+                   help=f"linear lr warm-up over the first 5 epochs {recipe}")
+    g.add_argument("--Tmin", type=float, default=None, help=f"EDE t at the first epoch {recipe}")
+    g.add_argument("--Tmax", type=float, default=None, help=f"EDE t at the end of training {recipe}")
 
     g = p.add_argument_group("Lipschitz regulariser")
     g.add_argument("--alpha", type=float, default=8.0,
-                   help="weight of the LCR loss; 0 trains plain IR-Net")
+                   help="weight of the LCR loss; 0 trains plain IR-Net (default: 8)")
     g.add_argument("--lcr_variant", default="paper", choices=VARIANTS,
-                   help="paper: retention matrices of every binary layer; official: released code's form")
-    g.add_argument("--lcr_iters", type=int, default=5, help="power iterations per retention matrix")
+                   help="paper: retention matrices of every binary layer; official: the released code's form "
+                        "(default: paper)")
+    g.add_argument("--lcr_iters", type=int, default=0,
+                   help="paper form: block power steps per retention matrix (default: 0, meaning 6 for matrices up "
+                        "to 64 channels wide and 8 for wider ones; modules/singular.py)")
     g.add_argument("--fp_weights", default="", metavar="FILE",
                    help="official form: weights of the frozen FP network (state dict or checkpoint)")
-    g.add_argument("--lip_images", type=int, default=64,
-                   help="validation images for the per-epoch empirical Lipschitz estimate (0: off)")
-    g.add_argument("--lip_eps", type=float, default=0.01,
-                   help="perturbation size of that estimate, relative to each image's norm")
     g.add_argument("--fp_pretrained", action="store_true",
-                   help="official form: torchvision's ImageNet weights for the FP network (needs a network)")
+                   help="official form: torchvision's ImageNet weights for the FP network, as the released "
+                        "code uses (from torch's hub cache, downloaded when there is a network)")
+    g.add_argument("--lip_images", type=int, default=64,
+                   help="validation images for the per-epoch empirical Lipschitz estimate, 0: off (default: 64)")
+    g.add_argument("--lip_eps", type=float, default=0.01,
+                   help="perturbation size of that estimate, relative to each image's norm (default: 0.01)")
+    p.set_defaults(download=False, gpu_data=False)
     return p
+
+
+DATA_DEFAULTS = ("dataset", "data_path", "fake_size", "fake_image_size")  # with -e: the checkpoint's
+
+
+def data_defaults(defaults):
+    """The dataset flags of a family when neither the user nor a checkpoint gives them."""
+    image = models.registry.FAMILIES[defaults["family"]]["image_size"]
+    return {"dataset": defaults["dataset"], "data_path": defaults["data_path"], "fake_size": [512, 256],
+            "fake_image_size": image}
+
+
+def fill_data_flags(args, saved, defaults):
+    """Each dataset flag the user did not give: from ``saved`` (a checkpoint's arguments) when it has
+    it, else the family's default."""
+    fallback = data_defaults(defaults)
+    for name in DATA_DEFAULTS:
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, fallback[name]) if isinstance(saved, dict) else fallback[name])
+    return args
+
+
+def apply_defaults(args, defaults):
+    """Fill ``--model`` and the dataset flags (with ``-e`` left empty: they come from the checkpoint),
+    then every recipe flag the user did not give from the model's recipe, and ``--model_fp``."""
+    args.family = defaults["family"]
+    if not args.evaluate:
+        args.model = args.model or defaults["model"]
+        fill_data_flags(args, {}, defaults)
+    info = models.model_info(args.model or defaults["model"])
+    for name in RECIPE_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, info.recipe[name])
+    if args.model_fp is None and args.model:
+        args.model_fp = info.fp_twin
+    return args
 
 
 def validate_args(parser, args):
     """Reject values that cannot work, with one line that says what to pass instead."""
-    positive = dict(epochs=args.epochs, batch_size=args.batch_size, batch_size_test=args.batch_size_test,
-                    print_freq=args.print_freq, lcr_iters=args.lcr_iters)
-    for name, value in positive.items():
-        if value <= 0:
-            parser.error(f"--{name} must be a positive integer, got {value}")
-    if args.alpha < 0:
-        parser.error(f"--alpha must be >= 0 (0 trains plain IR-Net), got {args.alpha}")
-    if args.lr <= 0:
-        parser.error(f"--lr must be positive, got {args.lr}")
-    if args.lip_images < 0 or args.lip_eps <= 0:
-        parser.error(f"--lip_images must be >= 0 and --lip_eps > 0, got {args.lip_images} and {args.lip_eps}")
-    if args.workers < 0:
-        parser.error(f"--workers must be >= 0, got {args.workers}")
-    if not 0 <= args.start_epoch < args.epochs:
-        parser.error(f"--start_epoch must be in 0..{args.epochs - 1}, got {args.start_epoch}")
-    if not 0 < args.Tmin <= args.Tmax:
-        parser.error(f"need 0 < --Tmin <= --Tmax, got {args.Tmin} and {args.Tmax}")
-    if len(args.fake_size) != 2 or min(args.fake_size) <= 0:
-        parser.error(f"--fake_size needs two positive counts TRAIN,VAL, got {args.fake_size}")
+    def need(ok, message):
+        if not ok:
+            parser.error(message)
+
+    for name in ("epochs", "batch_size", "batch_size_test"):
+        value = getattr(args, name)
+        need(value > 0, f"--{name} must be a positive integer, got {value}")
+    need(args.lcr_iters >= 0, f"--lcr_iters must be >= 0 (0: the default), got {args.lcr_iters}")
+    for name in ("lr", "alpha", "lip_eps", "momentum", "weight_decay", "Tmin", "Tmax"):
+        value = getattr(args, name)
+        need(math.isfinite(value), f"--{name} must be a finite number, got {value}")
+    need(args.alpha >= 0, f"--alpha must be >= 0 (0 trains plain IR-Net), got {args.alpha}")
+    need(args.lr > 0, f"--lr must be positive, got {args.lr}")
+    need(0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}")
+    need(args.weight_decay >= 0, f"--weight_decay must be >= 0, got {args.weight_decay}")
+    need(args.lip_eps > 0, f"--lip_eps must be positive, got {args.lip_eps}")
+    need(args.lip_images >= 0, f"--lip_images must be >= 0, got {args.lip_images}")
+    need(args.print_freq >= 0, f"--print_freq must be >= 0 (0: about 5 lines per epoch), got {args.print_freq}")
+    need(args.threads >= 0, f"--threads must be >= 0 (0: the default), got {args.threads}")
+    need(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
+    need(0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {args.seed}")
+    need(0 <= args.start_epoch < args.epochs, f"--start_epoch must be in 0..{args.epochs - 1}, got {args.start_epoch}")
+    need(0 < args.Tmin <= args.Tmax, f"need 0 < --Tmin <= --Tmax, got {args.Tmin} and {args.Tmax}")
+    need(args.fake_size is None or (len(args.fake_size) == 2 and min(args.fake_size) > 0),
+         f"--fake_size needs two positive counts TRAIN,VAL, got {args.fake_size}")
+    need(args.fake_image_size is None or args.fake_image_size > 0,
+         f"--fake_image_size must be positive, got {args.fake_image_size}")
+    need(all(s > 0 for s in args.lr_decay_step), f"--lr_decay_step needs positive epochs, got {args.lr_decay_step}")
     return args
+
+
+def family_defaults(family):
+    """The defaults of the training script of a model family ("cifar" or "imagenet")."""
+    return {"cifar": CIFAR_DEFAULTS, "imagenet": IMAGENET_DEFAULTS}[family]
 
 
 def parse_args(defaults, description, argv=None):
     """Parse and validate ``argv`` with the defaults of one dataset family."""
     parser = get_args_parser(defaults, description)
-    return validate_args(parser, parser.parse_args(argv))
+    return validate_args(parser, apply_defaults(parser.parse_args(argv), defaults))
