@@ -22,10 +22,15 @@ Its gradient, written out (``u``, ``v``: the top singular vectors of ``RM_B^k[b]
     d sigma_B / d X_B   = u (Y_B^T v)^T / N      (spread evenly over each pooling window)
     d sigma_B / d Y_B   = v (X_B^T u)^T / N
 
+``X_B = sign(X)`` has no gradient of its own; the sign is passed with a surrogate (``SURROGATES``):
+
+    d L_LCR / d X = d L_LCR / d X_B * (1 - tanh(X)^2)              ("tanh", the default)
+    d L_LCR / d X = d L_LCR / d X_B * k t (1 - tanh(t X)^2)        ("ede", the layer's own EDE)
+
 :class:`LipschitzRegularizer` computes the value without an autograd graph and delivers this
-gradient, two small vectors per activation and pair, through a hook on each recorded sign
-activation when the backward pass reaches it; nothing activation-sized waits between the forward
-and the backward pass.
+gradient, two small vectors per activation and pair, through a tensor hook on each recorded
+activation (``X`` for "tanh", ``X_B`` for "ede") when the backward pass reaches it; nothing
+activation-sized waits between the forward and the backward pass.
 """
 import contextlib
 
@@ -37,14 +42,22 @@ from modules import speed
 from modules.binary import BinarizeConv2d, binary_sign
 from modules.singular import top_singular
 
-__all__ = ["LCR_SCALE", "LCRTap", "retention_matrix", "top_singular_of_pairs", "LipschitzRegularizer"]
+__all__ = ["LCR_SCALE", "SURROGATES", "LCRTap", "retention_matrix", "top_singular_of_pairs", "LipschitzRegularizer"]
 
-# c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is about 0.17 (per-layer sigma_B/sigma_F
-# 1.2 .. 1.6) for both binary ResNet-20 (CIFAR) and ResNet-18 (ImageNet), so c = 0.06 puts the LCR
-# share of the total loss at the recommended --alpha 8 at a few per cent (python -m tools.lcr_share;
-# docs/RESULTS.md). With c = 0.2 the LCR gradient in the first stage was about half of CE's at
-# initialisation and binary ResNet-20 on `digits` stayed below 25 % top-1 after 6 epochs.
+# c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is 0.17 for binary ResNet-20 and the
+# ImageNet ResNet-18 (per-layer sigma_B/sigma_F 1.2 .. 1.6), 0.35 for the CIFAR ResNet-18 and 0.55 for
+# VGG-Small, so c = 0.06 puts the LCR share of the total loss at the recommended --alpha 8 between 1
+# and 10 per cent (python -m tools.lcr_share; docs/RESULTS.md section 6). With c = 0.2 the LCR
+# gradient in the first stage was about half of CE's at initialisation and binary ResNet-20 on
+# `digits` stayed below 25 % top-1 after 6 epochs.
 LCR_SCALE = 0.06
+
+# How the LCR gradient passes the sign function on its way to the real activation A (docs/METHOD.md
+# section 3): "tanh" with d tanh(A)/dA, the EDE's shape at t = k = 1, fixed for the whole run; "ede"
+# with the layer's own EDE k t (1 - tanh(t A)^2), whose peak k t grows from 1 to about 100 over
+# training. The default is "tanh": with "ede" the paper form collapsed late in training at alpha 8
+# and 16 on digits (docs/RESULTS.md).
+SURROGATES = ("tanh", "ede")
 
 
 class LCRTap(nn.Identity):
@@ -71,7 +84,7 @@ def pool_to(x, size):
     if h1 < h2 or w1 < w2:
         raise ValueError(f"retention matrix needs X at least as large as Y, got {tuple(x.shape)} vs {(h2, w2)}")
     fh, fw = h1 // h2, w1 // w2
-    if not speed.enabled() or fh * h2 != h1 or fw * w2 != w1 or not x.is_contiguous():
+    if not speed.enabled("pool") or fh * h2 != h1 or fw * w2 != w1 or not x.is_contiguous():
         return F.adaptive_avg_pool2d(x, (h2, w2))
     rows = x.reshape(-1, fh, w1)
     out = rows[:, 0] * (1.0 / (fh * fw))
@@ -103,7 +116,7 @@ def top_singular_of_pairs(pairs, steps=None):
     and solved in one call, which replaces dozens of small kernels by a few larger ones without a
     copy.
     """
-    if not speed.enabled():
+    if not speed.enabled("group"):
         return [top_singular(torch.bmm(x, y.transpose(1, 2)) / n, steps) for x, y, n in pairs]
     groups = {}
     for i, (x, y, _) in enumerate(pairs):
@@ -121,19 +134,24 @@ def top_singular_of_pairs(pairs, steps=None):
 
 
 class _RankOneGrad:
-    """The LCR gradient with respect to one recorded sign activation, kept as outer products.
+    """The LCR gradient with respect to one recorded activation, kept as outer products.
 
     Its ``terms`` are ``(left B x C, right B x N, spatial size of the term)``, each the gradient
-    ``left_b right_b^T`` of one pair (the module docstring's ``u (Y^T v)^T / N`` or ``v (X^T u)^T / N``,
-    already multiplied by ``d L_LCR / d sigma_B``). Called as a tensor hook on the sign activation, it
-    returns the incoming gradient plus ``scale`` times the sum of its terms; ``scale`` is
-    ``d total / d L_LCR``, set when the backward pass leaves the loss (:class:`_LCRLoss`).
+    ``left_b right_b^T`` of one pair with respect to the sign activation (the module docstring's
+    ``u (Y^T v)^T / N`` or ``v (X^T u)^T / N``, already multiplied by ``d L_LCR / d sigma_B``). Called as
+    a tensor hook, it returns the incoming gradient plus ``scale`` times the sum of its terms, where
+    ``scale`` is ``d total / d L_LCR``, set when the backward pass leaves the loss (:class:`_LCRLoss`).
+
+    With ``real`` None the hook sits on the sign activation, and the layer's EDE carries the sum to
+    the real input (surrogate ``ede``). With ``real`` the real input ``A``, the hook sits on ``A`` and
+    the sum is multiplied by ``d tanh(A) / dA = 1 - tanh(A)^2`` on the way (surrogate ``tanh``).
     """
 
-    def __init__(self, terminal):
+    def __init__(self, terminal, real=None):
         self.terms = []
         self.scale = None
         self.terminal = terminal  # nothing but the LCR loss consumes this activation (the tap's signs)
+        self.real = real
 
     def __call__(self, grad):
         if self.scale is None or not self.terms:
@@ -146,8 +164,11 @@ class _RankOneGrad:
                 right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
             lefts.append(left * self.scale)
             rights.append(right)
-        dense = torch.baddbmm(grad.reshape(b, c, -1).float(), torch.stack(lefts, 2), torch.stack(rights, 1))
-        return dense.view(grad.shape).to(grad.dtype)
+        lefts, rights = torch.stack(lefts, 2), torch.stack(rights, 1)
+        if self.real is None:
+            return torch.baddbmm(grad.reshape(b, c, -1).float(), lefts, rights).view(grad.shape).to(grad.dtype)
+        lcr = torch.bmm(lefts, rights).view(grad.shape) * (1 - torch.tanh(self.real.float()) ** 2)
+        return (grad.float() + lcr).to(grad.dtype)
 
 
 def _unpool(grad, size):
@@ -162,9 +183,9 @@ def _unpool(grad, size):
 class _LCRLoss(torch.autograd.Function):
     """Returns the precomputed ``L_LCR``; its backward hands ``d total / d L_LCR`` to the slots.
 
-    The recorded sign activations are inputs so that the backward pass reaches them only after this
-    node, when every slot knows its scale. An activation that only the LCR consumes (the tap's
-    signs) gets a zero gradient here, so that its hook runs at all.
+    The hooked activations are inputs so that the backward pass reaches them only after this node,
+    when every slot knows its scale. The tap's activation gets a zero gradient here, so that its hook
+    runs even when nothing else consumes it (its signs) or sends it a gradient (a loss of L_LCR alone).
     """
 
     @staticmethod
@@ -202,9 +223,12 @@ class LipschitzRegularizer:
 
     weight_scale = LCR_SCALE
 
-    def __init__(self, model, steps=None):
+    def __init__(self, model, steps=None, surrogate="tanh"):
         if steps is not None and steps < 1:
             raise ValueError(f"block power steps must be >= 1, got {steps}")
+        if surrogate not in SURROGATES:
+            raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        self.surrogate = surrogate   # how the LCR gradient passes the sign: see _RankOneGrad
         self.steps = steps           # None: the size-dependent default of modules.singular
         convs = [m for m in model.modules() if isinstance(m, BinarizeConv2d)]
         taps = [m for m in model.modules() if isinstance(m, LCRTap)]
@@ -227,9 +251,15 @@ class LipschitzRegularizer:
         """Nothing to restore (the official form has gamma)."""
 
     def _keep(self, x, x_bin, terminal):
-        slot = _RankOneGrad(terminal)
-        if x_bin.requires_grad:
-            x_bin.register_hook(slot)
+        """Record one chain activation ``(A, sign(A))`` and hook the tensor its LCR gradient enters."""
+        if self.surrogate == "tanh":
+            slot, anchor = _RankOneGrad(terminal, real=x.detach()), x
+            x_bin = x_bin.detach()
+        else:
+            slot, anchor = _RankOneGrad(terminal), x_bin
+        if anchor.requires_grad:
+            anchor.register_hook(slot)
+        self._anchors.append(anchor)
         self._records.setdefault(x.device, []).append((x, x_bin, slot))
 
     def _on_sign(self, module, inputs, x_bin):
@@ -243,7 +273,7 @@ class LipschitzRegularizer:
     @contextlib.contextmanager
     def record(self):
         """Hook the chain's layers for the duration of the block."""
-        self._records = {}
+        self._records, self._anchors = {}, []
         handles = [q.register_forward_hook(self._on_sign) for q in self.quantizers]
         handles.append(self.tap.register_forward_hook(self._on_tap))
         try:
@@ -266,7 +296,7 @@ class LipschitzRegularizer:
             ratio = torch.cat([self._chain_ratios(chain, total).to(out) for chain in chains], dim=1)
             value = ((ratio - 1) ** 2).mean()
         slots = [slot for chain in chains for _, _, slot in chain]
-        signs = [x_bin for chain in chains for _, x_bin, _ in chain]
+        signs, self._anchors = self._anchors, []
         return _LCRLoss.apply(slots, value, *signs), {"sigma_ratio": ratio.mean(dim=1)}
 
     def _chain_ratios(self, chain, total):

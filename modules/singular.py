@@ -90,7 +90,7 @@ def block_power_iteration(a, start, steps):
     """
     b, c1, c2 = a.shape
     per = b
-    if speed.enabled() and a.device.type == "cpu":
+    if speed.enabled("chunks") and a.device.type == "cpu":
         per = max(1, CPU_CHUNK_BYTES // (4 * c1 * c2))
     vs, us = [], []
     for chunk in a.split(per):

@@ -219,7 +219,8 @@ def test_imagenet_official_form_equals_the_released_computation():
     reference.backward()
 
     torch.testing.assert_close(loss.double(), reference.double(), rtol=1e-4, atol=0)
-    torch.testing.assert_close(reg.gamma.grad, ref_gamma.grad[0], rtol=1e-4, atol=1e-4 * float(ref_gamma.grad.abs().max()))
+    torch.testing.assert_close(reg.gamma.grad, ref_gamma.grad[0], rtol=1e-4,
+                               atol=1e-4 * float(ref_gamma.grad.abs().max()))
     checked = 0
     for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters()):
         if q.grad is None or not q.grad.any():
@@ -268,3 +269,21 @@ def test_cli_official_rejects_fp_weights_of_another_model(tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1].startswith("error:")
     assert "does not fit model resnet20_fp" in res.stderr
+
+
+def test_fp_pretrained_offline_is_one_line_naming_the_file_to_place(tmp_path):
+    # the released default FP network is torchvision's pretrained ResNet-18: without a network the
+    # run stops before training with one line that says where the weights go, or --fp_weights
+    from conftest import IMAGENET_MAIN, script_env
+    env = dict(script_env(), TORCH_HOME=str(tmp_path / "torch_home"), https_proxy="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", no_proxy="", NO_PROXY="")
+    res = subprocess.run([sys.executable, str(IMAGENET_MAIN), "--dataset", "fake", "--fake_size", "8,4",
+                          "--fake_image_size", "64", "-b", "4", "-j", "0", "--epochs", "1", "--lip_images", "0",
+                          "--lcr_variant", "official", "--fp_pretrained", "--results_dir", str(tmp_path / "runs")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1, res.stdout + res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    expected = os.path.join(str(tmp_path / "torch_home"), "hub", "checkpoints", "resnet18-")
+    assert expected in lines[0] and "--fp_weights" in lines[0], lines[0]
+    assert not (tmp_path / "runs" / "resnet18_1w1a_IR").exists()      # nothing left behind

@@ -308,7 +308,8 @@ def test_cifar_resnet18_computes_what_irnet_releases():
     reference = _IRNetResNet18()
     randomise_batch_norms(reference)
     ours = create_model("resnet18_1w1a")
-    renamed = {k.replace("shortcut", "downsample").replace("linear", "fc"): v for k, v in reference.state_dict().items()}
+    renamed = {k.replace("shortcut", "downsample").replace("linear", "fc"): v
+               for k, v in reference.state_dict().items()}
     ours.load_state_dict(renamed, strict=True)
     ours.eval()
     reference.eval()

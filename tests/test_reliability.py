@@ -416,6 +416,11 @@ def test_uneven_shards_never_leave_a_batch_of_one():
         per_rank, shard = batch // world, math.ceil(length / world)
         sizes = [min(per_rank, shard - i * per_rank) for i in range(len(train))]
         assert 1 not in sizes, (length, world, batch, sizes)
+    # the incomplete last batch is dropped (as IR-Net's trainers do) unless it is the only one
+    for length, batch, steps in [(1347, 64, 21), (1344, 64, 21), (10, 64, 1)]:
+        args = options.parse_args(options.CIFAR_DEFAULTS, "t", ["--dataset", "fake", "-b", str(batch), "-j", "0"])
+        train, _, _ = build_loaders(Sized(length), Sized(4), args, Runtime(torch.device("cpu"), []))
+        assert len(train) == steps, (length, batch, len(train))
     with pytest.raises(DataError, match="at least 2"):
         build_loaders(Sized(1), Sized(4), options.parse_args(options.CIFAR_DEFAULTS, "t", ["--dataset", "fake"]),
                       Runtime(torch.device("cpu"), []))

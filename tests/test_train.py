@@ -113,7 +113,8 @@ def runs(request, runs_dir):
     cifar = (*COMMON_FLAGS, *NO_LIP, "--epochs", "1")
     background.submit("digits", _digits_then_evaluate, tmp / "digits")
     background.submit("channels_last amp", run_main, CIFAR_MAIN, *FAKE_FLAGS, *COMMON_FLAGS, "--epochs", "1",
-                      "--alpha", "8", *NO_LIP, "--channels_last", "--amp", "--results_dir", tmp / "cl_amp")
+                      "--alpha", "8", *NO_LIP, "--channels_last", "--amp", "--precise_bn", "3",
+                      "--results_dir", tmp / "cl_amp")
     background.submit("torchrun", _torchrun_then_single_process, tmp / "torchrun")
     if "imagenet jpeg" in background.wanted:
         classes = ["n01440764", "n01443537", "n01484850"]
@@ -488,6 +489,25 @@ def test_channels_last_and_amp_flags_train_on_cpu(runs, runs_dir):
     assert "--amp: bfloat16 autocast is for GPUs; training on the CPU in fp32" in result.stdout
     row = read_summary(run_folder(runs_dir / "cl_amp") / "summary.csv")[0]
     assert row["train_lcr"] > 0 and 0 <= row["val_top1"] <= 100
+    # --precise_bn 3: the saved BatchNorm statistics are plain averages over 3 of the 4 training
+    # batches, not the momentum average of the 4 training steps
+    state = load(run_folder(runs_dir / "cl_amp") / "checkpoint.pth.tar")["state_dict"]
+    tracked = {int(v) for k, v in state.items() if k.endswith("num_batches_tracked")}
+    assert tracked == {3}
+
+
+def test_recalibrate_batchnorm_gives_plain_averages_over_the_batches():
+    from utils.engine import recalibrate_batchnorm
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    batches = [(torch.randn(5, 3, 2, 2) * (i + 1) + i, torch.zeros(5)) for i in range(4)]
+    recalibrate_batchnorm(net, batches, "cpu", 3)
+    # reference: the mean of the per-batch means and of the per-batch unbiased variances
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x, _ in batches[:3]])
+    variances = torch.stack([x.transpose(0, 1).flatten(1).var(dim=1) for x, _ in batches[:3]])
+    torch.testing.assert_close(net[0].running_mean, means.mean(0))
+    torch.testing.assert_close(net[0].running_var, variances.mean(0))
+    assert not net.training and net[0].momentum == 0.1 and int(net[2].num_batches_tracked) == 3
 
 
 def test_model_recipe_fills_every_flag_the_user_does_not_give():

@@ -385,7 +385,7 @@ def collate_skipping_none(batch):
     return default_collate(batch) if batch else None
 
 
-def _class_folders(split_dir):
+def class_folders(split_dir):
     # Same rule as torchvision's find_classes, so the lists compared here are
     # the ones ImageFolder will index.
     with os.scandir(split_dir) as entries:
@@ -401,7 +401,7 @@ def _build_imagenet(data_path):
     for split, split_dir in split_dirs.items():
         if not os.path.isdir(split_dir):
             raise DataError(f"ImageNet split folder {split_dir} is missing; expected {IMAGENET_LAYOUT}")
-        classes[split] = _class_folders(split_dir)
+        classes[split] = class_folders(split_dir)
         if not classes[split]:
             raise DataError(f"ImageNet split folder {split_dir} has no class folders; "
                             f"expected {IMAGENET_LAYOUT}")
@@ -575,8 +575,13 @@ def per_rank_training_images(length, world_size):
 def build_loaders(train_set, val_set, args, runtime):
     """Training and validation loaders; DDP shards both, the validation shards without padding.
 
-    Returns ``(train, val, generator)``; the training loop reseeds ``generator`` every epoch. The
-    last training batch is dropped when it would hold a single image (BatchNorm cannot train on one).
+    Returns ``(train, val, generator)``; the training loop reseeds ``generator`` every epoch.
+
+    The last, incomplete training batch of each epoch is dropped, as IR-Net's trainers do
+    (``drop_last=True``): a batch of a few images gives train-mode BatchNorm noisy statistics, and
+    late in training, when the EDE is steep, its gradient is 10-40 times that of a full batch and
+    its statistics go into the running averages just before evaluation (docs/RESULTS.md, "Late
+    collapse"). Only a training set smaller than one batch keeps its single, partial batch.
     """
     from utils.device_data import DeviceLoader
     per_rank = args.batch_size // runtime.world_size
@@ -588,7 +593,7 @@ def build_loaders(train_set, val_set, args, runtime):
     if images < 2:
         raise DataError(f"the training set has {len(train_set)} images, {images} per process; BatchNorm needs "
                         f"at least 2 per batch: use a larger training set")
-    drop_last = images % per_rank == 1
+    drop_last = images >= per_rank
     pin = runtime.device.type == "cuda"
     generator = torch.Generator()
     if getattr(args, "gpu_data", False):

@@ -4,11 +4,13 @@
 (corruption benchmarks, export checks) all call it.
 """
 import contextlib
+import itertools
 import math
 import time
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 
 from utils.distributed import all_reduce_sum
 from utils.logger import AverageMeter, accuracy_counts
@@ -38,8 +40,8 @@ def train_step(model, regularizer, images, target, optimizer, weight, amp=False,
 
     ``check_finite(value) -> message``: when given, a non-finite loss raises
     :class:`NonFiniteLossError` with that message before any parameter changes. Returns a dict of
-    tensors: logits, loss, ce, lcr (None without regulariser) and ratios (per-layer sigma_B/sigma_F
-    of the paper form, else None).
+    tensors: logits, loss, ce, lcr (None without regulariser), ratios (per-layer sigma_B/sigma_F
+    of the paper form, else None) and grad_norm (the L2 norm of all parameter gradients of the step).
     """
     with autocast(images.device, amp):
         if regularizer is None:
@@ -57,9 +59,11 @@ def train_step(model, regularizer, images, target, optimizer, weight, amp=False,
         raise NonFiniteLossError(check_finite(loss.item()))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
     optimizer.step()
     return {"logits": logits.detach(), "loss": loss.detach(), "ce": ce.detach(),
-            "lcr": None if lcr is None else lcr.detach(), "ratios": ratios}
+            "lcr": None if lcr is None else lcr.detach(), "ratios": ratios, "grad_norm": grad_norm}
 
 
 def print_every(n_iter, print_freq):
@@ -70,16 +74,18 @@ def print_every(n_iter, print_freq):
 def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args, logger):
     """Train for one epoch; ``regularizer`` is None when ``--alpha 0`` (plain IR-Net, nothing recorded).
 
-    Returns the epoch's averages: loss, ce, lcr, lcr_share, top1, top5, img_s, data_time, images,
-    and ``sigma_ratio`` (per binary layer, mean sigma_B / sigma_F over the epoch's batches) when the
-    paper form is on. Progress lines show the running averages, the average images/s so far and the
-    time left in the epoch.
+    Returns the epoch's averages: loss, ce, lcr, lcr_share, top1, top5, grad_norm (and its maximum
+    over the steps, grad_norm_max), img_s, data_time, images, and ``sigma_ratio`` (per binary layer,
+    mean sigma_B / sigma_F over the epoch's batches) when the paper form is on. Progress lines show
+    the running averages, the average images/s so far and the time left in the epoch.
     """
     model.train()
     meters = {name: AverageMeter(name) for name in ("loss", "ce", "lcr", "top1", "top5")}
     data_time = AverageMeter("data", ":.3f")
     weight = args.alpha * (regularizer.weight_scale if regularizer is not None else 0.0)
     ratio_sum, ratio_steps = None, 0
+    grad_norm = AverageMeter("grad_norm")
+    grad_norm_max = 0.0
     n_iter = len(loader)
     every = print_every(n_iter, args.print_freq)
     started = end = time.perf_counter()
@@ -96,6 +102,8 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
             ratio_steps += 1
 
         n = images.shape[0]
+        grad_norm.update(step["grad_norm"].item(), n)
+        grad_norm_max = max(grad_norm_max, grad_norm.val)
         top1, top5 = accuracy_counts(logits, target)
         meters["loss"].update(loss.item(), n)
         meters["ce"].update(ce.item(), n)
@@ -112,6 +120,7 @@ def train_one_epoch(model, regularizer, loader, optimizer, runtime, epoch, args,
     elapsed = time.perf_counter() - started
     stats = {name: m.avg for name, m in meters.items()}
     stats["lcr_share"] = weight * stats["lcr"] / stats["loss"] if stats["loss"] > 0 else 0.0
+    stats["grad_norm"], stats["grad_norm_max"] = grad_norm.avg, grad_norm_max
     stats["img_s"] = meters["loss"].count * runtime.world_size / max(elapsed, 1e-9)
     stats["data_time"] = data_time.avg
     stats["images"] = meters["loss"].count
@@ -177,3 +186,16 @@ def empirical_lipschitz(model, images, eps=0.01, trials=8, seed=0):
         best = max(best, ratio.max().item())
     model.train(was_training)
     return best
+
+
+def recalibrate_batchnorm(model, loader, device, batches):
+    """Re-estimate every BatchNorm's running mean and variance as plain averages over the first
+    ``batches`` batches of ``loader`` (``--precise_bn``), in training mode and without gradients.
+
+    The running statistics that training leaves are a momentum-0.1 average dominated by the last
+    few batches, taken while the weights still move; with a binary network late in training, where
+    the EDE's t makes every step large, they can lag the weights that are evaluated
+    (docs/METHOD.md section 5). Call it on the unwrapped model: every device then averages whole
+    batches of its own loader.
+    """
+    update_bn(itertools.islice(loader, batches), model, device=device)

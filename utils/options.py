@@ -12,6 +12,7 @@ import os
 
 import models
 from models.recipes import FLAGS as RECIPE_FLAGS
+from modules.lcr import SURROGATES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS_DIR = os.path.join(REPO_ROOT, "results")
@@ -19,12 +20,13 @@ VARIANTS = ("paper", "official")
 MAX_SEED = 2**32 - 1  # numpy's RandomState takes seeds below 2**32; torch and Python take these too
 
 CIFAR_DEFAULTS = dict(
-    family="cifar", family_label="CIFAR-size (32 px)", dataset="cifar10", datasets=("cifar10", "cifar100", "digits", "fake"),
-    model="resnet20_1w1a", data_path="./data", batch_size_test=256, workers=4,
+    family="cifar", family_label="CIFAR-size (32 px)", dataset="cifar10",
+    datasets=("cifar10", "cifar100", "digits", "fake"), model="resnet20_1w1a", data_path="./data",
+    batch_size_test=256, workers=4,
 )
 IMAGENET_DEFAULTS = dict(
-    family="imagenet", family_label="ImageNet-size (224 px)", dataset="imagenet", datasets=("imagenet", "fake"), model="resnet18_1w1a_IR",
-    data_path=None, batch_size_test=128, workers=8,
+    family="imagenet", family_label="ImageNet-size (224 px)", dataset="imagenet", datasets=("imagenet", "fake"),
+    model="resnet18_1w1a_IR", data_path=None, batch_size_test=128, workers=8,
 )
 
 
@@ -58,7 +60,8 @@ def get_args_parser(defaults, description):
                    help="evaluate a checkpoint or bare state dict on the whole validation set, write "
                         "<FILE stem>_eval_<dataset>.json and exit; the model and dataset default to the "
                         "checkpoint's (default: train)")
-    g.add_argument("--seed", type=int, default=1234, help=f"random seed of the whole run, 0..{MAX_SEED} (default: 1234)")
+    g.add_argument("--seed", type=int, default=1234,
+                   help=f"random seed of the whole run, 0..{MAX_SEED} (default: 1234)")
     g.add_argument("-p", "--print_freq", type=int, default=0,
                    help="print every N iterations (default: 0, about 5 lines per epoch)")
     g.add_argument("--time_estimate", type=int, default=1,
@@ -119,6 +122,10 @@ def get_args_parser(defaults, description):
                    help=f"linear lr warm-up over the first 5 epochs {recipe}")
     g.add_argument("--Tmin", type=float, default=None, help=f"EDE t at the first epoch {recipe}")
     g.add_argument("--Tmax", type=float, default=None, help=f"EDE t at the end of training {recipe}")
+    g.add_argument("--precise_bn", type=int, default=0, metavar="BATCHES",
+                   help="before each evaluation, re-estimate the BatchNorm running statistics as plain averages "
+                        "over this many training batches (all of them when fewer), 0: off, the reference "
+                        "recipes' choice (default: 0; docs/METHOD.md section 5)")
 
     g = p.add_argument_group("Lipschitz regulariser")
     g.add_argument("--alpha", type=float, default=8.0,
@@ -129,6 +136,9 @@ def get_args_parser(defaults, description):
     g.add_argument("--lcr_iters", type=int, default=0,
                    help="paper form: block power steps per retention matrix (default: 0, meaning 6 for matrices up "
                         "to 64 channels wide and 8 for wider ones; modules/singular.py)")
+    g.add_argument("--lcr_surrogate", default="tanh", choices=SURROGATES,
+                   help="paper form: how the LCR gradient passes the sign, tanh: d tanh(x)/dx, fixed; ede: the "
+                        "layer's EDE, whose slope grows with t (default: tanh; docs/METHOD.md section 3)")
     g.add_argument("--fp_weights", default="", metavar="FILE",
                    help="official form: weights of the frozen FP network (state dict or checkpoint)")
     g.add_argument("--fp_pretrained", action="store_true",
@@ -198,6 +208,7 @@ def validate_args(parser, args):
     need(args.lip_eps > 0, f"--lip_eps must be positive, got {args.lip_eps}")
     need(args.lip_images >= 0, f"--lip_images must be >= 0, got {args.lip_images}")
     need(args.print_freq >= 0, f"--print_freq must be >= 0 (0: about 5 lines per epoch), got {args.print_freq}")
+    need(args.precise_bn >= 0, f"--precise_bn must be >= 0 (0: off), got {args.precise_bn}")
     need(args.threads >= 0, f"--threads must be >= 0 (0: the default), got {args.threads}")
     need(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")
     need(0 <= args.seed <= MAX_SEED, f"--seed must be in 0..{MAX_SEED}, got {args.seed}")

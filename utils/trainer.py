@@ -20,7 +20,8 @@ from utils import checkpoint as ckpt
 from utils import options
 from utils.data import DataError, build_datasets, build_loaders
 from utils.distributed import DeviceError, cleanup, setup_runtime, sync_gradients_of, wrap_model
-from utils.engine import NonFiniteLossError, empirical_lipschitz, evaluate, format_seconds, train_one_epoch
+from utils.engine import (NonFiniteLossError, empirical_lipschitz, evaluate, format_seconds, recalibrate_batchnorm,
+                          train_one_epoch)
 from utils.logger import TensorBoard, get_logger
 from utils.optim import build_optimizer, build_scheduler
 from utils.outputs import OutputError, check_output
@@ -77,6 +78,8 @@ def run(args):
             t, _ = set_ede_schedule(model, epoch, args.epochs, args.Tmin, args.Tmax)
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(net, regularizer, train_loader, optimizer, runtime, epoch, args, logger)
+            if args.precise_bn:
+                recalibrate_batchnorm(model, train_loader, runtime.device, args.precise_bn)
             val = evaluate(net, val_loader, runtime.device, args.amp, args.channels_last, runtime)
             scheduler.step()
             row = progress.add(epoch, lr, t, train, val, empirical_lipschitz_of(model, lip_images, args))
