@@ -218,8 +218,8 @@ def test_table_mean_and_std_match_the_csv(tmp_path, capsys):
                         else f"{values[0]:.2f}")
             assert cells[column] == expected, (form, key, cells)
         share = statistics.fmean(float(r["lcr_share"]) for r in done)
-        assert cells[4] == f"{100 * share:.3g}"
-        assert cells[5].startswith(str(len(done)))
+        assert cells[10] == f"{100 * share:.3g}"
+        assert cells[11].startswith(str(len(done)))
     assert rows[("IR-Net (alpha 0, shared)", "0")][2] == "31.75 ± 1.77"  # best 30.5 and 33.0: 2.5 / sqrt(2)
     text = (tmp_path / "ablation.md").read_text()
     assert f"{MODEL}_official_a4_s2" in text and "(2/3 epochs)" in text
@@ -257,6 +257,17 @@ def test_dry_run_prints_commands_and_starts_nothing(tmp_path, capsys):
     assert "RANDOM" not in text
 
 
+def test_official_alphas_limit_the_official_form(tmp_path, capsys):
+    out = tmp_path / "out"
+    code = ablate_alpha.main(["--alphas", "0", "1", "8", "--official_alphas", "8", "--seeds", "1", "--forms",
+                              "paper", "official", "--out", str(out), "--dry_run", "--", "--dataset", "digits"])
+    names = sorted(re.search(r"--save _(\S+)", line).group(1)
+                   for line in capsys.readouterr().out.splitlines() if "main.py" in line)
+    assert code == 0 and names == ["irnet_a0_s1", "official_a8_s1", "paper_a1_s1", "paper_a8_s1"]
+    with pytest.raises(SystemExit):
+        ablate_alpha.main(["--official_alphas", "nan", "--out", str(out), "--dry_run"])
+
+
 def test_flags_the_tool_sets_cannot_be_passed_through(tmp_path):
     with pytest.raises(SystemExit) as info:
         ablate_alpha.main(["--out", str(tmp_path), "--", "--dataset", "fake", "--alph", "3"])
@@ -285,3 +296,40 @@ def test_execute_spreads_runs_over_devices(tmp_path):
     assert (tmp_path / "a.out").read_text().strip() == "--gpus 5"
     assert (tmp_path / "b.out").read_text().strip() == "--gpus 7"
     assert (tmp_path / "c.out").read_text().strip() in ("--gpus 5", "--gpus 7")
+
+
+def _corruption_json(folder, kind, errors, clean_error):
+    """A digits-C result file as tools.eval_corruptions writes it (only what the study reads)."""
+    name = {"last": "checkpoint", "best": "model_best"}[kind] + "_corruptions_digits.json"
+    table = {c: {"error": e, "accuracy": [100.0 - x for x in e]} for c, e in errors.items()}
+    mean = statistics.fmean(100.0 - statistics.fmean(e) for e in errors.values())
+    (folder / name).write_text(json.dumps({"format": "lcr-bnn-corruptions", "corruptions": table,
+                                           "clean_error": clean_error, "mean_accuracy": mean}))
+
+
+def test_digits_c_columns_hold_mean_accuracy_and_relative_mce_against_the_same_seed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    # per seed: IR-Net and paper runs with hand-made digits-C results
+    errors = {("irnet", 1): ({"a": [10, 20, 30, 40, 50], "b": [5, 5, 5, 5, 5]}, 4.0),
+              ("paper", 1): ({"a": [8, 16, 24, 32, 40], "b": [4, 4, 4, 4, 4]}, 4.0),
+              ("irnet", 2): ({"a": [12, 22, 32, 42, 52], "b": [6, 6, 6, 6, 6]}, 2.0),
+              ("paper", 2): ({"a": [12, 22, 32, 42, 52], "b": [6, 6, 6, 6, 6]}, 2.0)}
+    for (form, seed), (err, clean) in errors.items():
+        alpha = 0 if form == "irnet" else 4
+        folder = write_run(runs, f"_{form}_a{alpha}_s{seed}", float(alpha), seed, "paper", [50.0, 60.0, 70.0],
+                           [0.0, 0.0, 0.0])
+        for kind in ("last", "best"):
+            _corruption_json(folder, kind, err, clean)
+    argv = ["--table_only", "--digits_c", "--out", str(tmp_path), "--alphas", "0", "4", "--seeds", "1", "2",
+            "--", "--dataset", "fake", "--epochs", "3", "-b", "32"]
+    assert ablate_alpha.main(argv) == 0, capsys.readouterr().out
+    records = {(r["form"], int(r["seed"])): r for r in read_csv(tmp_path / "ablation.csv")}
+    # seed 1: relative CE of a = (120 - 5 * 4) / (150 - 5 * 4) = 100/130, of b = 0 / 5 -> mean of the two
+    assert float(records[("paper", 1)]["rel_mce_last"]) == pytest.approx(100 * (100 / 130 + 0 / 5) / 2)
+    assert float(records[("irnet", 2)]["rel_mce_best"]) == pytest.approx(100.0)
+    assert float(records[("paper", 2)]["rel_mce_best"]) == pytest.approx(100.0)   # same errors as its IR-Net
+    assert float(records[("paper", 1)]["mca_last"]) == pytest.approx(100 - (24 + 4) / 2)
+    row = md_rows(tmp_path / "ablation.md")[("paper", "4")]
+    mca = [100 - (24 + 4) / 2, 100 - (32 + 6) / 2]            # seeds 1 and 2
+    assert row[4] == f"{statistics.fmean(mca):.2f} ± {statistics.stdev(mca):.2f}"
+    assert (tmp_path / "ablation.png").read_bytes()[:8] == PNG_MAGIC

@@ -40,9 +40,11 @@ Outputs in ``--out``:
 """
 if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
     import sys
-    sys.exit("run the tools from the repository root as modules: python -m tools.ablate_alpha " + " ".join(sys.argv[1:]))
+    sys.exit("run the tools from the repository root as modules: python -m tools.ablate_alpha "
+             + " ".join(sys.argv[1:]))
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import io
@@ -74,7 +76,9 @@ RESERVED = ("alpha", "seed", "results_dir", "save", "resume", "lcr_variant", "ev
 NOT_COMPARED = set(NOT_RUN_DEFINING)
 TAG = "lcr-bnn-ablation"
 OUTPUTS = ("ablation.csv", "ablation.md", "ablation.png")
+CHECKPOINTS = {"last": "checkpoint.pth.tar", "best": "model_best.pth.tar"}
 CSV_FIELDS = ("form", "alpha", "seed", "status", "best_top1", "last_top1", "best_top5", "last_top5",
+              "mca_last", "mca_best", "rel_mce_last", "rel_mce_best", "lipschitz_emp", "sigma_ratio",
               "lcr_share", "epochs_done", "epochs", "run_folder")
 POLL_S = 0.2
 
@@ -102,15 +106,22 @@ def alpha_text(alpha):
     return f"{alpha:g}"
 
 
-def grid(alphas, seeds, forms):
-    """(form, alpha, seed) of every run: seeds outermost, so the first seed's sweep completes first."""
+def grid(alphas, seeds, forms, official_alphas=None):
+    """(form, alpha, seed) of every run: seeds outermost, so the first seed's sweep completes first.
+    The official form runs only at ``official_alphas`` when given (and at every alpha > 0 when not)."""
     points = []
     for seed in seeds:
-        for alpha in sorted(set(alphas)):
+        for alpha in sorted(set(alphas) | set(official_alphas or ())):
             if alpha == 0:
                 points.append((BASELINE, 0.0, seed))
-            else:
-                points += [(form, alpha, seed) for form in forms]
+                continue
+            for form in forms:
+                if form == "official" and official_alphas is not None:
+                    wanted = alpha in official_alphas
+                else:
+                    wanted = alpha in alphas
+                if wanted:
+                    points.append((form, alpha, seed))
     return points
 
 
@@ -266,7 +277,7 @@ def run_metrics(folder):
     rows = read_rows(folder / "summary.csv")
     if not rows:
         return {"best_top1": None, "last_top1": None, "best_top5": None, "last_top5": None,
-                "lcr_share": None, "epochs_done": 0}
+                "lcr_share": None, "lipschitz_emp": None, "sigma_ratio": None, "epochs_done": 0}
 
     def column(key):
         return [float(r[key]) for r in rows if r.get(key, "") != ""]
@@ -278,7 +289,55 @@ def run_metrics(folder):
             "best_top5": float(last["best_top5"]) if last.get("best_top5") else max(column("val_top5")),
             "last_top5": float(last["val_top5"]),
             "lcr_share": sum(shares) / len(shares) if shares else None,
+            "lipschitz_emp": float(last["lipschitz_emp"]) if last.get("lipschitz_emp") else None,
+            "sigma_ratio": float(last["sigma_ratio_mean"]) if last.get("sigma_ratio_mean") else None,
             "epochs_done": len(rows)}
+
+
+def corruption_file(folder, kind):
+    """Where the digits-C results of a run's ``kind`` ("last" or "best") checkpoint go."""
+    stem = CHECKPOINTS[kind][:-len(".pth.tar")]
+    return folder / f"{stem}_corruptions_digits.json"
+
+
+def evaluate_digits_c(runs):
+    """digits-C (tools.eval_corruptions) of the last and the best checkpoint of every finished run
+    that has no results yet; quiet, one progress line per checkpoint."""
+    from tools import eval_corruptions
+    for run in runs:
+        if folder_state(run.folder)[0] != "finished":
+            continue
+        for kind, name in CHECKPOINTS.items():
+            out, checkpoint = corruption_file(run.folder, kind), run.folder / name
+            if not checkpoint.exists() or (out.exists() and out.stat().st_mtime >= checkpoint.stat().st_mtime):
+                continue
+            started = time.time()
+            args = eval_corruptions.get_args_parser().parse_args(
+                ["--dataset", "digits", "--checkpoint", str(run.folder / name), "--gpus", "cpu", "--out", str(out)])
+            with contextlib.redirect_stdout(io.StringIO()):
+                results = eval_corruptions.run(args)
+                eval_corruptions.write_outputs({k: v for k, v in results.items() if k != "out"}, str(out))
+            say(f"digits-C {run.name} {kind}: mean corruption accuracy {results['mean_accuracy']:.2f} "
+                f"({time.time() - started:.0f} s)")
+
+
+def corruption_metrics(records, runs):
+    """Mean corruption accuracy and relative mCE (against the IR-Net run of the same seed) of the last
+    and best checkpoints, into ``records`` where digits-C results exist."""
+    from tools.eval_corruptions import corruption_errors
+    by_folder = {run.name: run for run in runs}
+    results = {}
+    for r in records:
+        folder = by_folder[Path(r["run_folder"]).name].folder
+        for kind in CHECKPOINTS:
+            path = corruption_file(folder, kind)
+            results[(r["form"], r["alpha"], r["seed"], kind)] = read_json(path) if path.exists() else None
+    for r in records:
+        for kind in CHECKPOINTS:
+            ours = results[(r["form"], r["alpha"], r["seed"], kind)]
+            base = results.get((BASELINE, 0.0, r["seed"], kind))
+            r[f"mca_{kind}"] = ours["mean_accuracy"] if ours else None
+            r[f"rel_mce_{kind}"] = (corruption_errors(ours, base)["relative_mce"] if ours and base else None)
 
 
 def collect(runs, out):
@@ -289,6 +348,7 @@ def collect(runs, out):
         metrics = run_metrics(run.folder)
         status = "finished" if state == "finished" else ("unfinished" if metrics["epochs_done"] else "missing")
         records.append({"form": run.form, "alpha": run.alpha, "seed": run.seed, "status": status, **metrics,
+                        **{f"{m}_{kind}": None for m in ("mca", "rel_mce") for kind in CHECKPOINTS},
                         "epochs": epochs if epochs else run.expected["epochs"],
                         "run_folder": os.path.relpath(run.folder, out)})
     return records
@@ -317,18 +377,23 @@ def aggregate(records):
     table = []
     for (form, alpha), rows in sorted(groups.items(), key=lambda item: (order[item[0][0]], item[0][1])):
         shares = [r["lcr_share"] for r in rows if r["lcr_share"] is not None]
-        table.append((form, alpha, {
-            "best": mean_std([r["best_top1"] for r in rows]),
-            "last": mean_std([r["last_top1"] for r in rows]),
-            "share": statistics.fmean(shares) if shares else None,
-            "seeds": sorted(r["seed"] for r in rows)}))
+        stats = {"best": mean_std([r["best_top1"] for r in rows]),
+                 "last": mean_std([r["last_top1"] for r in rows]),
+                 "share": statistics.fmean(shares) if shares else None,
+                 "seeds": sorted(r["seed"] for r in rows)}
+        for key in ("mca_last", "mca_best", "rel_mce_last", "rel_mce_best", "lipschitz_emp", "sigma_ratio"):
+            values = [r.get(key) for r in rows]
+            stats[key] = mean_std(values) if values and None not in values else None
+        table.append((form, alpha, stats))
     return table
 
 
-def pm(stat):
-    """``"85.12 ± 0.30"``, or ``"85.12"`` for a single seed."""
+def pm(stat, digits=2):
+    """``"85.12 ± 0.30"``, ``"85.12"`` for a single seed, ``"–"`` when unknown."""
+    if stat is None:
+        return "–"
     mean, std = stat
-    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def markdown(records, table, title, setting):
@@ -338,13 +403,20 @@ def markdown(records, table, title, setting):
              "standard deviation (n - 1) over seeds; a single seed shows the value alone. LCR share: "
              "`train_lcr_share` (alpha-weighted LCR term / total training loss) averaged over all epochs "
              "of a run, then over seeds, in % (3 significant digits). Alpha 0 is plain IR-Net, one run "
-             "per seed shared by both forms.",
-             "", "| form | alpha | best top-1 (%) | last top-1 (%) | LCR share (%) | seeds |",
-             "|---|---|---|---|---|---|"]
+             "per seed shared by both forms. With `--digits_c`: mCA is the mean digits-C accuracy over "
+             "13 corruptions x 5 severities of the last and the best checkpoint, rel. mCE the relative "
+             "mean corruption error against the IR-Net run of the same seed (100 = as robust as IR-Net; "
+             "lower is more robust). L_emp: the last epoch's empirical Lipschitz estimate "
+             "(`lipschitz_emp`), sigma_B/sigma_F the last epoch's mean over binary layers.",
+             "", "| form | alpha | best top-1 (%) | last top-1 (%) | mCA last (%) | mCA best (%) | "
+                 "rel. mCE last (%) | rel. mCE best (%) | L_emp | sigma_B/sigma_F | LCR share (%) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for form, alpha, s in table:
         label = "IR-Net (alpha 0, shared)" if form == BASELINE else form
         share = "–" if s["share"] is None else f"{100 * s['share']:.3g}"
-        lines.append(f"| {label} | {alpha_text(alpha)} | {pm(s['best'])} | {pm(s['last'])} | {share} | "
+        lines.append(f"| {label} | {alpha_text(alpha)} | {pm(s['best'])} | {pm(s['last'])} | {pm(s['mca_last'])} | "
+                     f"{pm(s['mca_best'])} | {pm(s['rel_mce_last'], 1)} | {pm(s['rel_mce_best'], 1)} | "
+                     f"{pm(s['lipschitz_emp'])} | {pm(s['sigma_ratio'], 3)} | {share} | "
                      f"{len(s['seeds'])} ({', '.join(map(str, s['seeds']))}) |")
     left_out = [r for r in records if r["status"] != "finished"]
     if left_out:
@@ -361,28 +433,32 @@ def plot(table, path, title):
 
     baseline = [(alpha, s) for form, alpha, s in table if form == BASELINE]
     forms = [f for f in FORMS if any(form == f for form, _, _ in table)] or ([BASELINE] if baseline else [])
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, form in enumerate(forms):
-        points = baseline + [(alpha, s) for f, alpha, s in table if f == form and form != BASELINE]
-        # dodge the forms sideways a little so that their error bars do not hide each other
-        shift = 0.05 * (i - (len(forms) - 1) / 2)
-        xs = [alpha * 10 ** shift if alpha > 0 else shift for alpha, _ in points]
-        color = f"C{i}"
-        for key, style, marker, label in (("best", "-", "o", "best"), ("last", "--", "s", "last")):
-            ys = [s[key][0] for _, s in points]
-            errs = [s[key][1] or 0.0 for _, s in points]
-            ax.errorbar(xs, ys, yerr=errs, linestyle=style, marker=marker, color=color, capsize=3,
-                        markersize=5, markerfacecolor=color if key == "best" else "white",
-                        label=f"{'IR-Net only' if form == BASELINE else form + ' form'}, {label} top-1")
+    robust = all(s["mca_last"] is not None for _, _, s in table)
+    panels = (("best", "last", "validation top-1 (%)", "top-1"),) + (
+        (("mca_best", "mca_last", "mean digits-C accuracy (%)", "mCA"),) if robust else ())
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2), squeeze=False)
     alphas = sorted({alpha for _, alpha, _ in table})
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xticks(alphas)
-    ax.set_xticklabels([alpha_text(a) for a in alphas])
-    ax.set_xlabel("alpha (symlog axis; 0 = IR-Net)")
-    ax.set_ylabel("validation top-1 (%)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, (best_key, last_key, ylabel, what) in zip(axes[0], panels):
+        for i, form in enumerate(forms):
+            points = baseline + [(alpha, s) for f, alpha, s in table if f == form and form != BASELINE]
+            # dodge the forms sideways a little so that their error bars do not hide each other
+            shift = 0.05 * (i - (len(forms) - 1) / 2)
+            xs = [alpha * 10 ** shift if alpha > 0 else shift for alpha, _ in points]
+            color = f"C{i}"
+            for key, style, marker, label in ((best_key, "-", "o", "best"), (last_key, "--", "s", "last")):
+                ys = [s[key][0] for _, s in points]
+                errs = [s[key][1] or 0.0 for _, s in points]
+                ax.errorbar(xs, ys, yerr=errs, linestyle=style, marker=marker, color=color, capsize=3,
+                            markersize=5, markerfacecolor=color if key == best_key else "white",
+                            label=f"{'IR-Net only' if form == BASELINE else form + ' form'}, {label} {what}")
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_xticks(alphas)
+        ax.set_xticklabels([alpha_text(a) for a in alphas])
+        ax.set_xlabel("alpha (symlog axis; 0 = IR-Net)")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title if what == "top-1" else "robustness: digits-C", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120, metadata={IMAGE_TAG_KEY: TAG})
     plt.close(fig)
@@ -401,6 +477,8 @@ def get_args_parser():
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="seeds, one run per alpha and seed")
     p.add_argument("--forms", nargs="+", choices=FORMS, default=["paper"],
                    help="LCR forms (--lcr_variant) for alpha > 0")
+    p.add_argument("--official_alphas", type=float, nargs="+", default=None,
+                   help="alpha values of the official form when --forms has it (default: --alphas)")
     p.add_argument("--out", required=True,
                    help="output folder: runs/ (run folders), logs/, ablation.csv, ablation.md, ablation.png")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (subprocesses)")
@@ -412,6 +490,9 @@ def get_args_parser():
                    help="start nothing; write the csv, table and plot from the run folders as they are")
     p.add_argument("--force", action="store_true",
                    help="replace ablation.csv/.md/.png in an --out folder that this tool did not make")
+    p.add_argument("--digits_c", action="store_true",
+                   help="after training, evaluate the last and best checkpoint of every run on digits-C and add "
+                        "mean corruption accuracy and relative mCE (against IR-Net, same seed) to the outputs")
     return p
 
 
@@ -448,10 +529,12 @@ def train(todo, script, out, jobs, devices):
     return failed
 
 
-def write_outputs(runs, out, script, extra):
+def write_outputs(runs, out, script, extra, digits_c=False):
     """``ablation.csv``, ``ablation.md`` (also printed) and ``ablation.png`` from the run folders."""
     first = runs[0].expected
     records = collect(runs, out)
+    if digits_c:
+        corruption_metrics(records, runs)
     table = aggregate(records)
     setting = (f"`{script}/main.py`, dataset {first['dataset']}, model {first['model']}, "
                f"{first['epochs']} epochs, batch {first['batch_size']}, lr {first['lr']:g}; "
@@ -474,9 +557,10 @@ def main(argv=None):
     own, extra = split_argv(sys.argv[1:] if argv is None else argv)
     parser = get_args_parser()
     args = parser.parse_args(own)
-    bad = [a for a in args.alphas if not (math.isfinite(a) and a >= 0)]
-    if bad:
-        parser.error(f"--alphas must be finite and >= 0, got {bad[0]:g}")
+    for flag, values in (("alphas", args.alphas), ("official_alphas", args.official_alphas or [])):
+        bad = [a for a in values if not (math.isfinite(a) and a >= 0)]
+        if bad:
+            parser.error(f"--{flag} must be finite and >= 0, got {bad[0]:g}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     bad = [s for s in args.seeds if not 0 <= s <= options.MAX_SEED]
@@ -489,9 +573,10 @@ def main(argv=None):
         parser.exit(1, f"error: {out} holds {', '.join(foreign)} that this tool did not write; pass another --out, "
                        f"or --force to replace them\n")
     check_extra(args.script, extra, RESERVED + (("gpus",) if args.devices else ()))
-    runs = [classify(r) for r in build_runs(args.script, grid(args.alphas, seeds, forms), extra, out / "runs")]
+    points = grid(args.alphas, seeds, forms, args.official_alphas)
+    runs = [classify(r) for r in build_runs(args.script, points, extra, out / "runs")]
     first = runs[0].expected
-    if "official" in forms and max(args.alphas) > 0 and not (first["fp_weights"] or first["fp_pretrained"]):
+    if any(form == "official" for form, _, _ in points) and not (first["fp_weights"] or first["fp_pretrained"]):
         say("warning: the official form compares with a RANDOM full-precision network; "
             "pass --fp_weights FILE after '--' (see docs/REPRODUCE.md)")
 
@@ -510,7 +595,9 @@ def main(argv=None):
     todo = [] if args.table_only else [r for r in runs if r.state in ("fresh", "interrupted")]
     if todo:
         failed.update(train(todo, args.script, out, args.jobs, args.devices))
-    write_outputs(runs, out, args.script, extra)
+    if args.digits_c:
+        evaluate_digits_c(runs)
+    write_outputs(runs, out, args.script, extra, args.digits_c)
     resumed = sum(r.state == "interrupted" for r in todo)
     say(f"runs: {sum(r.state == 'finished' for r in runs)} skipped (finished), {resumed} resumed, "
         f"{len(todo) - resumed} started, {len(failed)} failed")
