@@ -10,11 +10,11 @@ def test_both_paths_see_the_whole_training_set(tmp_path, capsys):
     rows = bench_loader.main(["--data_path", str(tmp_path), "--device", "cpu", "-b", "8", "-j", "0", "1",
                               "--rounds", "1"])
     assert [(r["path"], r["workers"]) for r in rows] == [("DataLoader", 0), ("DataLoader", 1), ("--gpu_data", "-")]
-    assert all(r["images"] == 30 for r in rows)                 # 3 full batches and one of 6
+    assert all(r["images"] == 24 for r in rows)       # 3 full batches; the incomplete last one is dropped
     assert all(r["img_s"] > 0 for r in rows)
     assert rows[0]["ratio"] == 1.0
     assert rows[2]["ratio"] == pytest.approx(rows[2]["img_s"] / rows[0]["img_s"])
-    assert "| --gpu_data | - | 30 |" in capsys.readouterr().out
+    assert "| --gpu_data | - | 24 |" in capsys.readouterr().out
 
 
 def test_batches_limits_a_pass(tmp_path):

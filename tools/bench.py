@@ -11,8 +11,9 @@ the live bytes that ops allocate during one step, from ``torch.profiler``'s memo
 (op granularity: a peak inside a single op is not seen).
 
 ``--plain`` adds, for every configuration, its twin with the speed tricks off
-(``modules.speed.plain_formulas``): the paired ratio of the two is what the tricks buy, measured
-in the same run.
+(``modules.speed.plain_formulas``); ``--plain pool`` turns off only that trick (the names are in
+``modules/speed.py``). The paired ratio of the two rows is what the tricks buy, measured in the same
+run.
 
     python -m tools.bench --models resnet20_1w1a --batch_sizes 128 --device cpu
     python -m tools.bench --models resnet18_1w1a_IR --batch_sizes 128 --device cuda --amp --channels_last
@@ -48,8 +49,9 @@ def hardware(device):
 class Config:
     """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
 
-    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=False):
-        self.label = ("alpha 0" if form == "none" else f"alpha {alpha:g} {form}") + (" plain" if plain else "")
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None):
+        suffix = "" if plain is None else " plain" + ("" if set(plain) == set(speed.TRICKS) else " " + ",".join(plain))
+        self.label = ("alpha 0" if form == "none" else f"alpha {alpha:g} {form}") + suffix
         self.form, self.amp, self.plain = form, amp, plain
         info = models.model_info(name)
         classes, side = info.num_classes, info.image_size
@@ -74,7 +76,7 @@ class Config:
         self.times = []
 
     def step(self):
-        with speed.plain_formulas() if self.plain else contextlib.nullcontext():
+        with speed.plain_formulas(*self.plain) if self.plain is not None else contextlib.nullcontext():
             train_step(self.model, self.reg, self.x, self.y, self.opt, self.weight, self.amp)
 
 
@@ -178,7 +180,7 @@ def _run(args):
         for batch in args.batch_sizes:
             cfgs = []
             for form in ["none"] + args.forms:
-                for plain in [False, True] if args.plain else [False]:
+                for plain in [None, args.plain or list(speed.TRICKS)] if args.plain is not None else [None]:
                     try:
                         cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
                                            args.lcr_iters, plain))
@@ -230,8 +232,9 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config per round (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    p.add_argument("--plain", action="store_true",
-                   help="also time every config with the speed tricks off (modules.speed.plain_formulas)")
+    p.add_argument("--plain", nargs="*", choices=speed.TRICKS, default=None, metavar="TRICK",
+                   help=f"also time every config with these speed tricks off ({', '.join(speed.TRICKS)}; "
+                        f"none named: all of them; modules/speed.py)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--channels_last", action="store_true", help="channels-last memory format")

@@ -16,7 +16,8 @@ in CIFAR-10's own pickle format (50,000 + 10,000 random images) under ``DIR``, t
 """
 if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
     import sys
-    sys.exit("run the tools from the repository root as modules: python -m tools.bench_loader " + " ".join(sys.argv[1:]))
+    sys.exit("run the tools from the repository root as modules: python -m tools.bench_loader "
+             + " ".join(sys.argv[1:]))
 
 import argparse
 import os

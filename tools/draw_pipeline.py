@@ -24,7 +24,8 @@ carries it too (or with ``--force``).
 """
 if __package__ in (None, ""):  # run as a file: the imports below need the repository root on the path
     import sys
-    sys.exit("run the tools from the repository root as modules: python -m tools.draw_pipeline " + " ".join(sys.argv[1:]))
+    sys.exit("run the tools from the repository root as modules: python -m tools.draw_pipeline "
+             + " ".join(sys.argv[1:]))
 
 import argparse
 import os

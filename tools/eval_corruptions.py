@@ -66,10 +66,11 @@ from torchvision import datasets as tv_datasets
 
 import models
 from utils.checkpoint import CheckpointError, read_model
-from utils.data import DataError, DigitsDataset, collate_skipping_none, dataset_info, imagenet_c_transform
+from utils.data import (DataError, DigitsDataset, class_folders, collate_skipping_none, dataset_info,
+                        imagenet_c_transform)
 from utils.distributed import DeviceError, setup_runtime, wrap_model
 from utils.engine import evaluate
-from utils.outputs import OutputError, check_output, has_tag
+from utils.outputs import IMAGE_TAG_KEY, OutputError, check_output, has_tag
 from utils.runfolder import atomic_text
 
 FORMAT_VERSION = 1
@@ -211,11 +212,6 @@ def digits_c_loader(family, severity, batch_size):
         yield images[lo:lo + batch_size], labels[lo:lo + batch_size]
 
 
-def _class_folders(folder):
-    with os.scandir(folder) as entries:
-        return sorted(e.name for e in entries if e.is_dir())
-
-
 def check_imagenet_c(root, corruptions, num_classes):
     """Check that every corruption has severity folders 1..5 with the same class folders."""
     reference = None
@@ -225,7 +221,7 @@ def check_imagenet_c(root, corruptions, num_classes):
             if not os.path.isdir(folder):
                 raise CorruptionError(f"severity folder {folder} is missing; expected "
                                       f"{_layout('imagenet')}")
-            classes = _class_folders(folder)
+            classes = class_folders(folder)
             if reference is None:
                 reference = (folder, classes)
             elif classes != reference[1]:
@@ -420,9 +416,11 @@ def get_args_parser():
                         "(default: none)")
     g = parser.add_argument_group("output")
     g.add_argument("--out", default=None, metavar="FILE.json",
-                   help="results JSON; the CSV gets the same stem (default: <checkpoint stem>_corruptions_<dataset>.json "
-                        "next to the checkpoint)")
+                   help="results JSON; the CSV gets the same stem (default: "
+                        "<checkpoint stem>_corruptions_<dataset>.json next to the checkpoint)")
     g.add_argument("--force", action="store_true", help="replace output files that this tool did not write")
+    g.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw accuracy against severity, one line per corruption (clean at severity 0)")
     return parser
 
 
@@ -520,6 +518,28 @@ def run(args):
     return results
 
 
+def plot_curves(results, path, force=False):
+    """Accuracy (%) against severity, one line per corruption; severity 0 is the clean accuracy."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    check_output(path, TAG, force=force, flag="--plot")
+    clean = None if results["clean_error"] is None else 100.0 - results["clean_error"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (name, row) in enumerate(results["corruptions"].items()):
+        xs = ([0] if clean is not None else []) + list(results["severities"])
+        ys = ([clean] if clean is not None else []) + list(row["accuracy"])
+        ax.plot(xs, ys, marker="o", markersize=3, color=plt.cm.tab20(i % 20), label=name)
+    ax.set_xlabel("severity (0 = clean)")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(f"{results['model']} on {results['dataset']}-C: {os.path.basename(results['checkpoint'])}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, metadata={IMAGE_TAG_KEY: TAG})
+    plt.close(fig)
+
+
 def main(argv=None):
     """Command-line entry point; returns the results dict, or exits with status 1 on bad input."""
     args = get_args_parser().parse_args(argv)
@@ -528,6 +548,8 @@ def main(argv=None):
         out = results.pop("out")
         try:
             csv_path = write_outputs(results, out)
+            if args.plot:
+                plot_curves(results, args.plot, args.force)
         except OSError as exc:
             raise CorruptionError(f"cannot write {out} ({exc.strerror}); pass --out FILE.json") from None
     except (CorruptionError, CheckpointError, DataError, DeviceError, OutputError) as exc:
