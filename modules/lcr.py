@@ -42,7 +42,8 @@ from modules import speed
 from modules.binary import BinarizeConv2d, binary_sign
 from modules.singular import top_singular
 
-__all__ = ["LCR_SCALE", "SURROGATES", "LCRTap", "retention_matrix", "top_singular_of_pairs", "LipschitzRegularizer"]
+__all__ = ["LCR_SCALE", "SURROGATES", "LCRTap", "retention_matrix", "top_singular_of_pairs", "times_tanh_slope",
+           "LipschitzRegularizer"]
 
 # c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is 0.17 for binary ResNet-20 and the
 # ImageNet ResNet-18 (per-layer sigma_B/sigma_F 1.2 .. 1.6), 0.35 for the CIFAR ResNet-18 and 0.55 for
@@ -158,17 +159,28 @@ class _RankOneGrad:
             return None          # a backward pass that does not come from the LCR loss
         b, c = grad.shape[:2]
         size = tuple(grad.shape[-2:])
-        lefts, rights = [], []
+        lcr = None               # sum of the terms' outer products left_b right_b^T, B x C x N
         for left, right, term_size in self.terms:
             if tuple(term_size) != size:  # X was average-pooled: spread evenly over each window
                 right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
-            lefts.append(left * self.scale)
-            rights.append(right)
-        lefts, rights = torch.stack(lefts, 2), torch.stack(rights, 1)
-        if self.real is None:
-            return torch.baddbmm(grad.reshape(b, c, -1).float(), lefts, rights).view(grad.shape).to(grad.dtype)
-        lcr = torch.bmm(lefts, rights).view(grad.shape) * (1 - torch.tanh(self.real.float()) ** 2)
-        return (grad.float() + lcr).to(grad.dtype)
+            left, right = (left * self.scale).unsqueeze(2), right.unsqueeze(1)
+            lcr = left * right if lcr is None else lcr.addcmul_(left, right)
+        lcr = lcr.view(grad.shape)
+        if self.real is not None:  # surrogate "tanh"
+            lcr = times_tanh_slope(lcr, self.real.float())
+        return lcr.add_(grad).to(grad.dtype)
+
+
+def times_tanh_slope(grad, x):
+    """``grad * d tanh(x)/dx = grad * (1 - tanh(x)^2)``, elementwise.
+
+    Speed trick (MEASURED_SLOPE): the same function computed as ``4 grad s (1 - s)`` with
+    ``s = sigmoid(2x)`` (since ``tanh(x) = 2 sigmoid(2x) - 1``): ``torch.tanh`` took about 5 times as
+    long as ``torch.sigmoid`` on the development CPU (2M elements, one thread: 11.4 against 2.1 ms).
+    """
+    if not speed.enabled("slope"):
+        return grad * (1 - torch.tanh(x) ** 2)
+    return torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(x * 2)).mul_(4)
 
 
 def _unpool(grad, size):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from models import create_model
 from modules import speed
 from modules.binary import BinarizeConv2d, set_ede_schedule
-from modules.lcr import SURROGATES, LCRTap, LipschitzRegularizer, pool_to, retention_matrix, top_singular_of_pairs
+from modules.lcr import SURROGATES, LCRTap, LipschitzRegularizer, pool_to, times_tanh_slope, retention_matrix, top_singular_of_pairs
 from modules.singular import top_singular
 
 
@@ -427,6 +427,18 @@ def test_regularizer_gradient_equals_autograd_through_the_formula(name, size, ba
     # passing the gradient as the surrogate says (t = 0.0158, k = 63.1: the two differ by far)
     _compare_lcr_gradients(name, size, batch, sigma_with_fixed_vectors, sigma_with_fixed_vectors, with_ce,
                            rtol=1e-4, rel_atol=1e-4, surrogate=surrogate)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_times_tanh_slope_is_the_derivative_of_tanh(plain):
+    # against autograd through torch.tanh, in float64, over the range where the slope matters and in
+    # the tails where it vanishes
+    x = torch.cat([torch.linspace(-30, 30, 601), torch.randn(1000)]).double().requires_grad_()
+    g = torch.randn_like(x)
+    torch.tanh(x).backward(g)
+    with speed.plain_formulas("slope") if plain else contextlib.nullcontext():
+        ours = times_tanh_slope(g, x.detach())
+    torch.testing.assert_close(ours, x.grad, rtol=1e-12, atol=1e-12)
 
 
 def test_surrogates_give_different_gradients():

@@ -33,7 +33,7 @@ import torch
 
 import models
 from modules import set_ede_schedule, speed
-from modules.lcr import LipschitzRegularizer
+from modules.lcr import SURROGATES, LipschitzRegularizer
 from modules.lcr_official import OfficialLCR
 from utils.engine import train_step
 
@@ -49,8 +49,10 @@ def hardware(device):
 class Config:
     """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
 
-    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None):
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None, surrogate="tanh"):
         suffix = "" if plain is None else " plain" + ("" if set(plain) == set(speed.TRICKS) else " " + ",".join(plain))
+        if form == "paper" and surrogate != SURROGATES[0]:
+            suffix = f" {surrogate}" + suffix
         self.label = ("alpha 0" if form == "none" else f"alpha {alpha:g} {form}") + suffix
         self.form, self.amp, self.plain = form, amp, plain
         info = models.model_info(name)
@@ -63,7 +65,7 @@ class Config:
         params = list(self.model.parameters())
         self.reg, self.weight = None, 0.0
         if form == "paper":
-            self.reg = LipschitzRegularizer(self.model, steps=iters or None)
+            self.reg = LipschitzRegularizer(self.model, steps=iters or None, surrogate=surrogate)
         elif form == "official":
             fp = models.create_model(info.fp_twin, num_classes=classes).to(device).to(memory_format=fmt)
             self.reg = OfficialLCR(self.model, fp, batch)
@@ -181,11 +183,12 @@ def _run(args):
             cfgs = []
             for form in ["none"] + args.forms:
                 for plain in [None, args.plain or list(speed.TRICKS)] if args.plain is not None else [None]:
-                    try:
-                        cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
-                                           args.lcr_iters, plain))
-                    except ValueError as exc:  # e.g. the official form on a network without stages
-                        print(f"# {name}: no {form} form ({exc})")
+                    for surrogate in args.surrogates if form == "paper" else [SURROGATES[0]]:
+                        try:
+                            cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
+                                               args.lcr_iters, plain, surrogate))
+                        except ValueError as exc:  # e.g. the official form on a network without stages
+                            print(f"# {name}: no {form} form ({exc})")
             for cfg in cfgs:
                 for _ in range(args.warmup):
                     cfg.step()
@@ -229,6 +232,8 @@ def get_parser():
     p.add_argument("--alpha", type=float, default=8.0, help="alpha of the LCR runs (default 8)")
     p.add_argument("--lcr_iters", type=int, default=0,
                    help="block power steps of the paper form (default 0: modules.singular's size-dependent default)")
+    p.add_argument("--surrogates", nargs="+", choices=SURROGATES, default=[SURROGATES[0]],
+                   help="the paper form's --lcr_surrogate values to time, each as its own config (default: tanh)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config per round (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
