@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from models import create_model
 from modules import speed
 from modules.binary import BinarizeConv2d, set_ede_schedule
-from modules.lcr import SURROGATES, LCRTap, LipschitzRegularizer, pool_to, times_tanh_slope, retention_matrix, top_singular_of_pairs
+from modules.lcr import (SURROGATES, LCRTap, LipschitzRegularizer, pool_to, retention_matrix, times_tanh_slope,
+                         top_singular_of_pairs)
 from modules.singular import top_singular
 
 
