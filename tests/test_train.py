@@ -313,6 +313,8 @@ def test_imagenet_jpeg_class_folders(runs, runs_dir):
 RESUME_FLAGS = (*FAKE_FLAGS, *COMMON_FLAGS, "--epochs", "3", "--seed", "7")
 
 
+@pytest.mark.slow(reason="three 3-epoch runs, one killed and resumed: about a minute; the resume rules themselves "
+                        "are checked in the default set (test_reliability.py)")
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     straight = start_main(CIFAR_MAIN, *RESUME_FLAGS, "--results_dir", tmp_path / "straight")
     killed = start_main(CIFAR_MAIN, *RESUME_FLAGS, "--results_dir", tmp_path / "killed")
