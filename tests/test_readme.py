@@ -72,7 +72,7 @@ def test_readme_commands_run_in_sequence_as_typed(tmp_path):
 
 
 def _parsers():
-    from tools import ablate_alpha, bench, bench_loader, eval_corruptions, export, lcr_power_error
+    from tools import ablate_alpha, bench, bench_loader, epoch_curves, eval_corruptions, export, lcr_power_error
     from utils import options
 
     def training(defaults):
@@ -91,6 +91,7 @@ def _parsers():
                                             training(options.CIFAR_DEFAULTS)(ablate_alpha.split_argv(argv)[1])),
         "tools.bench": tool_parser(bench.get_parser), "tools.bench_loader": tool_parser(bench_loader.get_parser),
         "tools.draw_pipeline": None, "tools.eval_corruptions": tool_parser(eval_corruptions.get_args_parser),
+        "tools.epoch_curves": tool_parser(epoch_curves.get_args_parser),
         "tools.export": tool_parser(export.get_args_parser), "tools.lcr_power_error":
             tool_parser(lcr_power_error.get_args_parser), "tools.summary": None, "tools.paper_table": None,
     }

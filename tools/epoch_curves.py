@@ -70,11 +70,16 @@ def markdown(table, counts, columns):
     return "\n".join(lines)
 
 
-def main(argv=None):
+def get_args_parser():
     p = argparse.ArgumentParser(prog="python -m tools.epoch_curves", description=__doc__.split("\n\n")[0])
     p.add_argument("--group", action="append", required=True, metavar="LABEL=GLOB",
                    help="a label and a glob of run folders; give it once per group")
     p.add_argument("--columns", nargs="*", default=None, help="summary.csv columns to show")
+    return p
+
+
+def main(argv=None):
+    p = get_args_parser()
     args = p.parse_args(argv)
     try:
         groups = [group_runs(spec) for spec in args.group]
