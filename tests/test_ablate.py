@@ -170,7 +170,7 @@ def write_run(runs_dir, save, alpha, seed, variant, top1, shares, epochs=3):
     folder = runs_dir / f"{MODEL}{save}"
     folder.mkdir(parents=True)
     args = {"alpha": alpha, "seed": seed, "epochs": epochs, "dataset": "fake", "model": MODEL,
-            "lcr_variant": variant, "batch_size": 32}
+            "lcr_variant": variant, "batch_size": 32, "lcr_surrogate": "tanh", "precise_bn": 0}
     (folder / "args.json").write_text(json.dumps(args))
     with open(folder / "summary.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -264,8 +264,9 @@ def test_official_alphas_limit_the_official_form(tmp_path, capsys):
     names = sorted(re.search(r"--save _(\S+)", line).group(1)
                    for line in capsys.readouterr().out.splitlines() if "main.py" in line)
     assert code == 0 and names == ["irnet_a0_s1", "official_a8_s1", "paper_a1_s1", "paper_a8_s1"]
-    with pytest.raises(SystemExit):
-        ablate_alpha.main(["--official_alphas", "nan", "--out", str(out), "--dry_run"])
+    for bad in (["--official_alphas", "nan", "--forms", "official"], ["--official_alphas", "8"]):
+        with pytest.raises(SystemExit):
+            ablate_alpha.main([*bad, "--out", str(out), "--dry_run"])
 
 
 def test_flags_the_tool_sets_cannot_be_passed_through(tmp_path):

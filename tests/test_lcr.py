@@ -260,7 +260,7 @@ def test_regularizer_records_the_chain(name, size, batch, count):
     assert len(reg.quantizers) + 1 == count == len(acts)
     chains = list(reg._records.values())
     assert len(chains) == 1 and len(chains[0]) == count
-    for (x, x_bin, _), ours in zip(chains[0], acts):
+    for (x, x_bin, _, _), ours in zip(chains[0], acts):
         assert torch.equal(x.detach(), ours)
         assert torch.equal(x_bin.detach(), ref_sign(ours))
     loss, logs = reg.loss()
@@ -627,8 +627,10 @@ def test_nothing_of_a_step_outlives_it():
     try:
         with reg.record():
             logits = model(torch.randn(4, 3, 32, 32))
-        recorded = [weakref.ref(x_bin) for chain in reg._records.values() for _, x_bin, _ in chain]
-        slots = [weakref.ref(slot) for chain in reg._records.values() for _, _, slot in chain]
+        records = [record for chain in reg._records.values() for record in chain]
+        recorded = [weakref.ref(tensor) for x, x_bin, _, anchor in records for tensor in (x, x_bin, anchor)]
+        slots = [weakref.ref(slot) for _, _, slot, _ in records]
+        del records
         lcr, _ = reg.loss()
         (F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)) + lcr).backward()
         del logits, lcr

@@ -462,3 +462,17 @@ def test_a_crafted_cifar_file_runs_no_code(tmp_path):
     with pytest.raises(DataError, match="data_batch_1"):
         build_datasets("cifar10", tmp_path)
     assert not marker.exists()
+
+
+def test_runs_recorded_before_a_flag_existed_compare_with_its_legacy_value():
+    # a run recorded before --lcr_surrogate and --precise_bn computed what "ede" and 0 compute now
+    from argparse import Namespace
+
+    from utils.checkpoint import changed_run_flags
+    saved = {"alpha": 8.0, "seed": 1}
+    assert changed_run_flags(saved, Namespace(alpha=8.0, seed=1, lcr_surrogate="ede", precise_bn=0)) == []
+    assert changed_run_flags(saved, Namespace(alpha=8.0, seed=1, lcr_surrogate="tanh", precise_bn=0)) == \
+        ["--lcr_surrogate 'ede' -> 'tanh'"]
+    from tools.ablate_alpha import differences
+    assert differences(saved, {"alpha": 8.0, "lcr_surrogate": "tanh", "precise_bn": 100}) == \
+        ["--lcr_surrogate 'ede' -> 'tanh'", "--precise_bn 0 -> 100"]

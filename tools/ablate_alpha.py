@@ -60,6 +60,7 @@ import time
 from pathlib import Path
 
 from utils import options
+from utils import checkpoint as ckpt
 from utils.checkpoint import NOT_RUN_DEFINING
 from utils.outputs import IMAGE_TAG_KEY, has_tag, mark_folder
 from utils.runfolder import atomic_text
@@ -194,8 +195,10 @@ def folder_state(folder):
 
 def differences(saved, expected):
     """``"name old -> new"`` for every compared argument where a run's args.json and the grid differ."""
-    return [f"--{key} {saved[key]!r} -> {expected[key]!r}" for key in sorted(expected)
-            if key not in NOT_COMPARED and key in saved and saved[key] != expected[key]]
+    def value(key):
+        return ckpt.saved_value(saved, key)
+    return [f"--{key} {value(key)!r} -> {expected[key]!r}" for key in sorted(expected)
+            if key not in NOT_COMPARED and (key in saved or key in ckpt.LEGACY_VALUES) and value(key) != expected[key]]
 
 
 def classify(run):
@@ -567,6 +570,8 @@ def main(argv=None):
     if bad:
         parser.error(f"--seeds must be in 0..{options.MAX_SEED}, got {bad[0]}")
     forms, seeds = list(dict.fromkeys(args.forms)), list(dict.fromkeys(args.seeds))
+    if args.official_alphas is not None and "official" not in forms:
+        parser.error("--official_alphas needs --forms with official")
     out = Path(args.out).resolve()
     foreign = [name for name in OUTPUTS if (out / name).exists() and not has_tag(str(out), TAG)]
     if foreign and not args.force:

@@ -4,8 +4,8 @@
         --columns train_grad_norm sigma_ratio_mean val_top1
 
 Each ``--group LABEL=GLOB`` names run folders (``summary.csv`` inside; the glob is expanded by the
-tool, so quote it or not). Each table line is one epoch; each cell the mean of that column over the
-group's runs that reached that epoch, with the number of runs in the header. Any column of
+tool; quote it so that the shell leaves it alone). Each table line is one epoch; each cell the mean
+of that column over the group's runs that reached that epoch, with the number of runs in the header. Any column of
 ``summary.csv`` can be shown (``python -m tools.epoch_curves --group x=RUN --columns`` with none
 lists them). Used in docs/RESULTS.md to show what a change did to the gradient norms and the
 sigma ratios over training.
@@ -84,7 +84,8 @@ def main(argv=None):
     try:
         groups = [group_runs(spec) for spec in args.group]
         if not args.columns:
-            print("columns: " + " ".join(read_rows(groups[0][1][0])[0]))
+            with open(groups[0][1][0] / "summary.csv", newline="") as handle:
+                print("columns: " + " ".join(next(csv.reader(handle), [])))
             return 0
         table, counts = curves(groups, args.columns)
     except (ValueError, OSError, csv.Error) as exc:

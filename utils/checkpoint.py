@@ -247,11 +247,21 @@ def read_model(path, model_name=None, num_classes=None):
 # --- resuming --------------------------------------------------------------------------------------
 
 
+# Flags added after runs were already being recorded, with the value that describes a run recorded
+# before them: its arguments lack the key, and it computed what that value computes.
+LEGACY_VALUES = {"lcr_surrogate": "ede", "precise_bn": 0}
+
+
+def saved_value(saved_args, name):
+    """A recorded run's value of flag ``name``, with :data:`LEGACY_VALUES` for flags it predates."""
+    return saved_args.get(name, LEGACY_VALUES.get(name))
+
+
 def changed_run_flags(saved_args, args):
     """``--flag old -> new`` for every run-defining flag whose value differs from ``saved_args``."""
     current = vars(args)
-    return [f"--{k} {saved_args.get(k)!r} -> {v!r}" for k, v in sorted(current.items())
-            if k not in NOT_RUN_DEFINING and _normalise(saved_args.get(k)) != _normalise(v)]
+    return [f"--{k} {saved_value(saved_args, k)!r} -> {v!r}" for k, v in sorted(current.items())
+            if k not in NOT_RUN_DEFINING and _normalise(saved_value(saved_args, k)) != _normalise(v)]
 
 
 def _normalise(value):

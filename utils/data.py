@@ -578,10 +578,9 @@ def build_loaders(train_set, val_set, args, runtime):
     Returns ``(train, val, generator)``; the training loop reseeds ``generator`` every epoch.
 
     The last, incomplete training batch of each epoch is dropped, as IR-Net's trainers do
-    (``drop_last=True``): a batch of a few images gives train-mode BatchNorm noisy statistics, and
-    late in training, when the EDE is steep, its gradient is 10-40 times that of a full batch and
-    its statistics go into the running averages just before evaluation (docs/RESULTS.md, "Late
-    collapse"). Only a training set smaller than one batch keeps its single, partial batch.
+    (``drop_last=True``): a batch of a few images gives train-mode BatchNorm noisy statistics, which
+    go into the running averages just before evaluation (docs/RESULTS.md, section 2). Only a
+    training set smaller than one batch keeps its single, partial batch.
     """
     from utils.device_data import DeviceLoader
     per_rank = args.batch_size // runtime.world_size

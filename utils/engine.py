@@ -10,7 +10,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.optim.swa_utils import update_bn
 
 from utils.distributed import all_reduce_sum
 from utils.logger import AverageMeter, accuracy_counts
@@ -188,14 +187,35 @@ def empirical_lipschitz(model, images, eps=0.01, trials=8, seed=0):
     return best
 
 
-def recalibrate_batchnorm(model, loader, device, batches):
+def recalibrate_batchnorm(model, loader, device, batches, amp=False, channels_last=False, runtime=None):
     """Re-estimate every BatchNorm's running mean and variance as plain averages over the first
-    ``batches`` batches of ``loader`` (``--precise_bn``), in training mode and without gradients.
+    ``batches`` batches of ``loader`` (``--precise_bn``), in training mode without gradients, under
+    the same autocast and memory format as training; under DDP the ranks' estimates are averaged.
 
     The running statistics that training leaves are a momentum-0.1 average dominated by the last
-    few batches, taken while the weights still move; with a binary network late in training, where
-    the EDE's t makes every step large, they can lag the weights that are evaluated
-    (docs/METHOD.md section 5). Call it on the unwrapped model: every device then averages whole
-    batches of its own loader.
+    few batches, taken while the weights still move; late in training, where the EDE's t makes the
+    steps large, they can lag the weights that are evaluated (docs/METHOD.md section 5). Call it on
+    the unwrapped model. Batches that are None (all images unreadable) are skipped.
     """
-    update_bn(itertools.islice(loader, batches), model, device=device)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None            # cumulative average over the batches seen
+    was_training = model.training
+    model.train()
+    with torch.no_grad():
+        for batch in itertools.islice(loader, batches):
+            if batch is None:
+                continue
+            images, _ = _to_device(*batch, device, channels_last)
+            with autocast(device, amp):
+                model(images)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    if runtime is not None and runtime.distributed:
+        for m in norms:
+            for stat in (m.running_mean, m.running_var):
+                torch.distributed.all_reduce(stat)
+                stat.div_(runtime.world_size)

@@ -79,7 +79,8 @@ def run(args):
             lr = optimizer.param_groups[0]["lr"]
             train = train_one_epoch(net, regularizer, train_loader, optimizer, runtime, epoch, args, logger)
             if args.precise_bn:
-                recalibrate_batchnorm(model, train_loader, runtime.device, args.precise_bn)
+                recalibrate_batchnorm(model, train_loader, runtime.device, args.precise_bn, args.amp,
+                                      args.channels_last, runtime)
             val = evaluate(net, val_loader, runtime.device, args.amp, args.channels_last, runtime)
             scheduler.step()
             row = progress.add(epoch, lr, t, train, val, empirical_lipschitz_of(model, lip_images, args))
