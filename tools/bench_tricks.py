@@ -25,22 +25,17 @@ import torch
 
 import models
 from modules import speed
-from modules.binary import BinarizeConv2d, two_valued_sign
-from modules.lcr import LCRTap, _flat_pair, pool_to, times_tanh_slope, top_singular_of_pairs
+from modules.binary import two_valued_sign
+from modules.lcr import _flat_pair, pool_to, times_tanh_slope, top_singular_of_pairs
+from tools.lcr_power_error import record_chain
 
 
-def record_chain(name, batch, seed=0):
-    """The chain activations of one forward pass of a fresh ``name`` on random images."""
+def chain_of(name, batch, seed=0):
+    """The chain activations (fp32) of one forward pass of a fresh ``name`` on random images."""
     torch.manual_seed(seed)
     info = models.model_info(name)
     model = models.create_model(name, num_classes=info.num_classes)
-    acts = []
-    for m in model.modules():
-        if isinstance(m, (BinarizeConv2d, LCRTap)):
-            m.register_forward_pre_hook(lambda mod, a: acts.append(a[0].detach()))
-    with torch.no_grad():
-        model(torch.randn(batch, 3, info.image_size, info.image_size))
-    return acts
+    return record_chain(model, torch.randn(batch, 3, info.image_size, info.image_size), torch.float32)
 
 
 def workloads(acts):
@@ -95,7 +90,7 @@ def main(argv=None):
     before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        work = workloads(record_chain(args.model, args.batch))
+        work = workloads(chain_of(args.model, args.batch))
         print(f"# {args.model}, batch {args.batch}, {args.threads} thread(s), {args.reps} repetitions; CPU")
         print("| trick | helper with the trick (ms) | plain formula (ms) | plain / trick |")
         print("|---|---|---|---|")

@@ -38,8 +38,8 @@ from utils.data import DigitsDataset
 DEFAULT_CASES = (("resnet20_1w1a", 64), ("resnet18_1w1a_IR", 4))   # (model, images)
 
 
-def record_chain(model, x):
-    """The real activations of the LCR chain (every binary layer's input, then the tap's), float64."""
+def record_chain(model, x, dtype=torch.float64):
+    """The real activations of the LCR chain (every binary layer's input, then the tap's), in ``dtype``."""
     acts, hooks = [], []
     for m in model.modules():
         if isinstance(m, BinarizeConv2d):
@@ -50,7 +50,7 @@ def record_chain(model, x):
         model(x)
     for h in hooks:
         h.remove()
-    return [a.double() for a in acts]
+    return [a.to(dtype) for a in acts]
 
 
 def sign(x):
