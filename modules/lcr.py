@@ -11,11 +11,12 @@ For the binary layers ``1..K`` of a network, let ``A^{k-1}`` be the real input o
 ``RM_F^k`` uses the real activations, ``RM_B^k`` their signs. The Lipschitz estimate of layer ``k``
 is the largest singular value ``sigma(RM)`` of each sample's matrix (:mod:`modules.singular`), and::
 
-    r_kb  = sigma(RM_B^k[b]) / sigma(RM_F^k[b])                      (sigma_F detached)
+    r_kb  = sigma(RM_B^k[b]) / sigma(RM_F^k[b])
     L_LCR = 1 / (K B) * sum_k sum_b (r_kb - 1) ** 2
     L     = CE + alpha * LCR_SCALE * L_LCR
 
-Its gradient, written out (``u``, ``v``: the top singular vectors of ``RM_B^k[b]``)::
+Its gradient, written out (``u``, ``v``: the top singular vectors of ``RM_B^k[b]``; ``sigma_F`` as a
+constant first)::
 
     d L_LCR / d sigma_B = 2 (r - 1) / (sigma_F K B)
     d sigma_B / d RM_B  = u v^T
@@ -26,6 +27,13 @@ Its gradient, written out (``u``, ``v``: the top singular vectors of ``RM_B^k[b]
 
     d L_LCR / d X = d L_LCR / d X_B * (1 - tanh(X)^2)              ("tanh", the default)
     d L_LCR / d X = d L_LCR / d X_B * k t (1 - tanh(t X)^2)        ("ede", the layer's own EDE)
+
+With ``sigma_f="differentiable"`` (``SIGMA_F``; the default, a deviation from the method as written,
+docs/METHOD.md section 3) the real activations also receive the gradient through ``sigma_F``, with no
+surrogate (``u_F``, ``v_F``: the top singular vectors of ``RM_F^k[b]``); with "detached" they do not::
+
+    d L_LCR / d sigma_F = -2 (r - 1) r / (sigma_F K B)
+    d sigma_F / d X     = u_F (Y^T v_F)^T / N,     d sigma_F / d Y = v_F (X^T u_F)^T / N
 
 :class:`LipschitzRegularizer` computes the value without an autograd graph and delivers this
 gradient, two small vectors per activation and pair, through a tensor hook on each recorded
@@ -42,8 +50,8 @@ from modules import speed
 from modules.binary import BinarizeConv2d, binary_sign
 from modules.singular import top_singular
 
-__all__ = ["LCR_SCALE", "SURROGATES", "LCRTap", "retention_matrix", "top_singular_of_pairs", "times_tanh_slope",
-           "LipschitzRegularizer"]
+__all__ = ["LCR_SCALE", "SIGMA_F", "SURROGATES", "LCRTap", "retention_matrix", "top_singular_of_pairs",
+           "times_tanh_slope_", "LipschitzRegularizer"]
 
 # c in  L = CE + alpha * c * L_LCR. At initialisation L_LCR is 0.17 for binary ResNet-20 and the
 # ImageNet ResNet-18 (per-layer sigma_B/sigma_F 1.2 .. 1.6), 0.35 for the CIFAR ResNet-18 and 0.55 for
@@ -59,6 +67,13 @@ LCR_SCALE = 0.06
 # the end of training. The default is "tanh": with "ede" the paper form collapsed late in training at alpha 8
 # and 16 on digits (docs/RESULTS.md).
 SURROGATES = ("tanh", "ede")
+
+# Whether sigma_F passes its gradient into the real activations ("differentiable", the default, a
+# deviation) or is a constant of the loss ("detached", the method as the paper gives it). With
+# sigma_F detached nothing stops the LCR gradient from shrinking the real activations: sigma_B,
+# computed from their signs, does not depend on their scale, while sigma_F falls with it, so the
+# ratio can grow without bound; on digits it did, and alpha 16 diverged (docs/RESULTS.md section 2).
+SIGMA_F = ("detached", "differentiable")
 
 
 class LCRTap(nn.Identity):
@@ -152,6 +167,7 @@ class _RankOneGrad:
 
     def __init__(self, terminal, real=None):
         self.terms = []
+        self.real_terms = []     # gradient through sigma_F, with respect to the real activation itself
         self.scale = None
         self.terminal = terminal  # nothing but the LCR loss consumes this activation (the tap's signs)
         self.real = real
@@ -159,31 +175,41 @@ class _RankOneGrad:
     def __call__(self, grad):
         if self.scale is None or not self.terms:
             return None          # a backward pass that does not come from the LCR loss
-        b, c = grad.shape[:2]
-        size = tuple(grad.shape[-2:])
-        lcr = None               # sum of the terms' outer products left_b right_b^T, B x C x N
-        for left, right, term_size in self.terms:
-            if tuple(term_size) != size:  # X was average-pooled: spread evenly over each window
-                right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
-            left, right = (left * self.scale).unsqueeze(2), right.unsqueeze(1)
-            lcr = left * right if lcr is None else lcr.addcmul_(left, right)
-        lcr = lcr.view(grad.shape)
+        lcr = _add_outer_products(None, self.terms, self.scale, grad.shape)
         if self.real is not None:  # surrogate "tanh"
-            lcr = times_tanh_slope(lcr, self.real.float())
+            lcr = times_tanh_slope_(lcr, self.real.float())
+        lcr = _add_outer_products(lcr, self.real_terms, self.scale, grad.shape)
         return lcr.add_(grad).to(grad.dtype)
 
 
-def times_tanh_slope(grad, x):
-    """``grad * d tanh(x)/dx = grad * (1 - tanh(x)^2)``, elementwise.
+def _add_outer_products(out, terms, scale, shape):
+    """``out + scale * sum_terms left_b right_b^T`` (B x C x N, viewed as ``shape``), written into ``out``
+    (None: a fresh tensor); a term whose right side has a smaller spatial size came from a pooled X and
+    is spread evenly over each pooling window."""
+    b, size = shape[0], tuple(shape[-2:])
+    out = None if out is None else out.view(b, shape[1], -1)
+    for left, right, term_size in terms:
+        if tuple(term_size) != size:
+            right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
+        left, right = (left * scale).unsqueeze(2), right.unsqueeze(1)
+        out = left * right if out is None else out.addcmul_(left, right)
+    return out if out is None else out.view(shape)
+
+
+def times_tanh_slope_(grad, x):
+    """``grad * d tanh(x)/dx = grad * (1 - tanh(x)^2)``, elementwise, written into ``grad`` (which the
+    caller owns; never a gradient autograd handed in) and returned.
 
     Speed trick: the same function computed as ``4 grad s (1 - s)`` with ``s = sigmoid(2x)`` (since
-    ``tanh(x) = 2 sigmoid(2x) - 1``), because ``torch.tanh`` took about 5 times as long as
-    ``torch.sigmoid`` on the development CPU; ``python -m tools.bench_tricks`` (ResNet-20 at batch
-    128, one thread): 176 against 209 ms per step.
+    ``tanh(x) = 2 sigmoid(2x) - 1``) in one buffer, because ``torch.tanh`` took about 5 times as long
+    as ``torch.sigmoid`` on the development CPU and every fresh activation-sized buffer costs about
+    as much as a pass over it; ``python -m tools.bench_tricks`` (ResNet-20 at batch 128, one thread):
+    MEASURE.
     """
     if not speed.enabled("slope"):
-        return grad * (1 - torch.tanh(x) ** 2)
-    return torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(x * 2)).mul_(4)
+        return grad.mul_(1 - torch.tanh(x) ** 2)
+    s = torch.mul(x, 2).sigmoid_()
+    return torch.ops.aten.sigmoid_backward.grad_input(grad, s, grad_input=grad).mul_(4)
 
 
 def _unpool(grad, size):
@@ -238,11 +264,17 @@ class LipschitzRegularizer:
 
     weight_scale = LCR_SCALE
 
-    def __init__(self, model, steps=None, surrogate="tanh"):
+    def __init__(self, model, steps=None, surrogate="tanh", sigma_f="differentiable"):
         if steps is not None and steps < 1:
             raise ValueError(f"block power steps must be >= 1, got {steps}")
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
+        if sigma_f not in SIGMA_F:
+            raise ValueError(f"sigma_f must be one of {SIGMA_F}, got {sigma_f!r}")
+        if sigma_f == "differentiable" and surrogate != "tanh":
+            raise ValueError("a differentiable sigma_F needs the tanh surrogate (its hooks sit on the real "
+                             "activations)")
+        self.sigma_f = sigma_f
         self.surrogate = surrogate   # how the LCR gradient passes the sign: see _RankOneGrad
         self.steps = steps           # None: the size-dependent default of modules.singular
         convs = [m for m in model.modules() if isinstance(m, BinarizeConv2d)]
@@ -324,15 +356,25 @@ class LipschitzRegularizer:
         pairs_f = [_flat_pair(reals[k], reals[k + 1]) for k in range(k_pairs)]
         solved = top_singular_of_pairs(pairs_b + pairs_f, self.steps)
         ratios = []
-        for k, ((xf, yf, n), (sigma_b, u, v), (sigma_f, _, _)) in enumerate(
+        for k, ((xf, yf, n), (sigma_b, u, v), (sigma_f, u_f, v_f)) in enumerate(
                 zip(pairs_b, solved[:k_pairs], solved[k_pairs:])):
             sigma_f = sigma_f.clamp_min(1e-12)
             ratio = sigma_b / sigma_f
             d_sigma_b = 2 * (ratio - 1) / (sigma_f * k_pairs * total)
             size = signs[k + 1].shape[-2:]
-            y_v = torch.bmm(v.unsqueeze(1), yf).squeeze(1) / n       # Y_B^T v / N, B x N
-            x_u = torch.bmm(u.unsqueeze(1), xf).squeeze(1) / n       # X_B^T u / N, B x N
-            chain[k][2].terms.append((d_sigma_b[:, None] * u, y_v, size))
-            chain[k + 1][2].terms.append((d_sigma_b[:, None] * v, x_u, size))
+            _add_pair_terms("terms", chain[k][2], chain[k + 1][2], d_sigma_b, u, v, xf, yf, n, size)
+            if self.sigma_f == "differentiable":     # d L / d sigma_F = -d L / d sigma_B * ratio
+                xf_f, yf_f, _ = pairs_f[k]
+                _add_pair_terms("real_terms", chain[k][2], chain[k + 1][2], -d_sigma_b * ratio, u_f, v_f,
+                                xf_f, yf_f, n, size)
             ratios.append(ratio)
         return torch.stack(ratios)
+
+
+def _add_pair_terms(kind, slot_x, slot_y, d_sigma, u, v, xf, yf, n, size):
+    """Give the slots of X and Y the gradient ``d_sigma * d sigma / d X`` and ``... / d Y`` of one pair as
+    outer products: ``u (Y^T v)^T / N`` and ``v (X^T u)^T / N`` (module docstring)."""
+    y_v = torch.bmm(v.unsqueeze(1), yf).squeeze(1) / n       # Y^T v / N, B x N
+    x_u = torch.bmm(u.unsqueeze(1), xf).squeeze(1) / n       # X^T u / N, B x N
+    getattr(slot_x, kind).append((d_sigma[:, None] * u, y_v, size))
+    getattr(slot_y, kind).append((d_sigma[:, None] * v, x_u, size))

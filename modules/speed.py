@@ -8,7 +8,7 @@ and the plain formula stays beside it. Each trick has a name:
 - ``group``: :func:`modules.lcr.top_singular_of_pairs`, retention matrices of one shape formed into
   one buffer and solved in one call;
 - ``chunks``: :func:`modules.singular.block_power_iteration`, cache-sized chunks on the CPU;
-- ``slope``: :func:`modules.lcr.times_tanh_slope`, ``1 - tanh(x)^2`` through ``sigmoid(2x)``.
+- ``slope``: :func:`modules.lcr.times_tanh_slope_`, ``1 - tanh(x)^2`` through ``sigmoid(2x)``.
 
 Inside :func:`plain_formulas` the named helpers (all of them by default) take the plain path:
 ``python -m tools.bench --plain NAME`` times both paths in one paired run, and the tests check that

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from models import create_model
 from modules import speed
 from modules.binary import BinarizeConv2d, set_ede_schedule
-from modules.lcr import (SURROGATES, LCRTap, LipschitzRegularizer, pool_to, retention_matrix, times_tanh_slope,
-                         top_singular_of_pairs)
+from modules.lcr import (SIGMA_F, SURROGATES, LCRTap, LipschitzRegularizer, pool_to, retention_matrix,
+                         times_tanh_slope_, top_singular_of_pairs)
 from modules.singular import top_singular
 
 
@@ -312,20 +312,22 @@ def exact_singular_value(a, b):
     return exact_sigma(ref_rm(a.double(), b.double()))
 
 
-def reference_lcr(acts, sigma_b, sigma_f, surrogate="tanh"):
+def reference_lcr(acts, sigma_b, sigma_f, surrogate="tanh", detach_f=True):
     """L_LCR from captured activations. Its signs pass the gradient as d tanh(a)/da (surrogate "tanh")
-    or as the layer's EDE (surrogate "ede"; the tap uses the last binary conv's t, k)."""
+    or as the layer's EDE (surrogate "ede"; the tap uses the last binary conv's t, k); with ``detach_f``
+    False, sigma_F passes its gradient into the real activations too."""
     last = [m for m, _ in acts if isinstance(m, BinarizeConv2d)][-1]
     signs = []
     for m, a in acts:
         owner = m if isinstance(m, BinarizeConv2d) else last
         t, k = (1.0, 1.0) if surrogate == "tanh" else (float(owner.t), float(owner.k))
         signs.append(ede_ste(a, t, k))
-    reals = [a.detach() for _, a in acts]
+    reals = [a.detach() if detach_f else a for _, a in acts]
     terms = []
     for i in range(len(acts) - 1):
         s_b = sigma_b(signs[i], signs[i + 1])
-        s_f = sigma_f(reals[i], reals[i + 1]).detach()
+        s_f = sigma_f(reals[i], reals[i + 1])
+        s_f = s_f.detach() if detach_f else s_f
         terms.append((s_b / s_f - 1) ** 2)
     return torch.stack(terms).mean()
 
@@ -370,7 +372,7 @@ class _SignUsedTwice(nn.Module):
 
 
 def _compare_lcr_gradients(name, size, batch, sigma_b, sigma_f, with_ce, rtol, rel_atol, channels_last=False,
-                           surrogate="tanh"):
+                           surrogate="tanh", sigma_f_mode="detached"):
     torch.manual_seed(0)
     nets = {"odd_sizes": _OddSizes, "sign_used_twice": _SignUsedTwice}
     model = nets[name]() if name in nets else create_model(name)
@@ -383,7 +385,7 @@ def _compare_lcr_gradients(name, size, batch, sigma_b, sigma_f, with_ce, rtol, r
     y = torch.arange(batch) % 10
     weight = 2.5
 
-    reg = LipschitzRegularizer(model, surrogate=surrogate)
+    reg = LipschitzRegularizer(model, surrogate=surrogate, sigma_f=sigma_f_mode)
     with reg.record():
         logits = model(x)
     lcr, _ = reg.loss()
@@ -400,7 +402,7 @@ def _compare_lcr_gradients(name, size, batch, sigma_b, sigma_f, with_ce, rtol, r
     logits_ref = twin(x)
     for h in handles:
         h.remove()
-    lcr_ref = reference_lcr(acts, sigma_b, sigma_f, surrogate)
+    lcr_ref = reference_lcr(acts, sigma_b, sigma_f, surrogate, detach_f=sigma_f_mode == "detached")
     total_ref = weight * lcr_ref + (F.cross_entropy(logits_ref, y) if with_ce else 0)
     total_ref.backward()
 
@@ -430,6 +432,35 @@ def test_regularizer_gradient_equals_autograd_through_the_formula(name, size, ba
                            rtol=1e-4, rel_atol=1e-4, surrogate=surrogate)
 
 
+@pytest.mark.parametrize("with_ce", [False, True])
+@pytest.mark.parametrize("name,size,batch", [("resnet20_1w1a", 32, 4), ("odd_sizes", 7, 3),
+                                             ("sign_used_twice", 8, 3)])
+def test_differentiable_sigma_f_gradient_equals_autograd_through_the_formula(name, size, batch, with_ce):
+    # sigma_F not detached: autograd through u_F^T RM_F v_F of the real activations (no surrogate)
+    # must give what the hooks add on top of the sign side
+    _compare_lcr_gradients(name, size, batch, sigma_with_fixed_vectors, sigma_with_fixed_vectors, with_ce,
+                           rtol=1e-4, rel_atol=1e-4, sigma_f_mode="differentiable")
+
+
+def test_differentiable_sigma_f_changes_the_gradient_and_not_the_loss():
+    # the comparison above could pass for both modes only if they did differ
+    out = {}
+    for mode in SIGMA_F:
+        torch.manual_seed(0)
+        model = create_model("resnet20_1w1a")
+        reg = LipschitzRegularizer(model, sigma_f=mode)
+        with reg.record():
+            model(torch.randn(4, 3, 32, 32))
+        lcr, _ = reg.loss()
+        lcr.backward()
+        out[mode] = lcr.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    (loss_d, grad_d), (loss_l, grad_l) = out["detached"], out["differentiable"]
+    assert loss_d == loss_l
+    assert (grad_d - grad_l).norm() > 0.05 * grad_d.norm()
+    with pytest.raises(ValueError, match="tanh surrogate"):
+        LipschitzRegularizer(create_model("resnet20_1w1a"), surrogate="ede", sigma_f="differentiable")
+
+
 @pytest.mark.parametrize("plain", [False, True])
 def test_times_tanh_slope_is_the_derivative_of_tanh(plain):
     # against autograd through torch.tanh, in float64, over the range where the slope matters and in
@@ -438,7 +469,7 @@ def test_times_tanh_slope_is_the_derivative_of_tanh(plain):
     g = torch.randn_like(x)
     torch.tanh(x).backward(g)
     with speed.plain_formulas("slope") if plain else contextlib.nullcontext():
-        ours = times_tanh_slope(g, x.detach())
+        ours = times_tanh_slope_(g.clone(), x.detach())
     torch.testing.assert_close(ours, x.grad, rtol=1e-12, atol=1e-12)
 
 
@@ -449,7 +480,7 @@ def test_surrogates_give_different_gradients():
         torch.manual_seed(0)
         model = create_model("resnet20_1w1a")
         set_ede_schedule(model, 3, 10)
-        reg = LipschitzRegularizer(model, surrogate=surrogate)
+        reg = LipschitzRegularizer(model, surrogate=surrogate, sigma_f="detached")
         with reg.record():
             model(torch.randn(2, 3, 32, 32))
         reg.loss()[0].backward()
@@ -462,15 +493,16 @@ def test_regularizer_gradient_with_channels_last_activations():
                            rtol=1e-4, rel_atol=1e-4, channels_last=True)
 
 
-def test_regularizer_gradient_points_along_the_exact_singular_value_gradient():
-    # at the default settings the gradient is that of the exact largest singular value (u1 v1^T):
+@pytest.mark.parametrize("sigma_f", SIGMA_F)
+def test_regularizer_gradient_points_along_the_exact_singular_value_gradient(sigma_f):
+    # at the default settings the gradient is that of the exact largest singular values (u1 v1^T):
     # parameter gradients against autograd through torch.linalg.matrix_norm, cosine >= 0.99
     torch.manual_seed(0)
     model = create_model("resnet20_1w1a")
     set_ede_schedule(model, 3, 10)
     twin = copy.deepcopy(model)
     x = torch.randn(4, 3, 32, 32)
-    reg = LipschitzRegularizer(model)
+    reg = LipschitzRegularizer(model, sigma_f=sigma_f)
     with reg.record():
         model(x)
     reg.loss()[0].backward()
@@ -478,7 +510,7 @@ def test_regularizer_gradient_points_along_the_exact_singular_value_gradient():
     twin(x)
     for h in handles:
         h.remove()
-    reference_lcr(acts, exact_singular_value, exact_singular_value).backward()
+    reference_lcr(acts, exact_singular_value, exact_singular_value, detach_f=sigma_f == "detached").backward()
     ours = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
     exact = torch.cat([p.grad.flatten() for p in twin.parameters() if p.grad is not None]).double()
     assert F.cosine_similarity(ours, exact, dim=0) >= 0.99

@@ -476,3 +476,16 @@ def test_runs_recorded_before_a_flag_existed_compare_with_its_legacy_value():
     from tools.ablate_alpha import differences
     assert differences(saved, {"alpha": 8.0, "lcr_surrogate": "tanh", "precise_bn": 100}) == \
         ["--lcr_surrogate 'ede' -> 'tanh'", "--precise_bn 0 -> 100"]
+    # the flags new since then have legacy values too
+    assert differences(saved, {"lcr_sigma_f": "differentiable"}) == ["--lcr_sigma_f 'detached' -> 'differentiable'"]
+
+
+def test_the_ablation_baseline_ignores_the_regulariser_flags():
+    # an alpha-0 run builds no regulariser: a grid that changes only the paper form's flags reuses its
+    # IR-Net runs, but every other flag still counts
+    from tools.ablate_alpha import differences
+    saved = {"alpha": 0.0, "lcr_surrogate": "tanh", "lcr_sigma_f": "detached", "epochs": 30}
+    grid = {"alpha": 0.0, "lcr_surrogate": "ede", "lcr_sigma_f": "differentiable", "epochs": 30}
+    assert differences(saved, grid, baseline=True) == []
+    assert len(differences(saved, grid)) == 2
+    assert differences(saved, {**grid, "epochs": 15}, baseline=True) == ["--epochs 30 -> 15"]

@@ -75,6 +75,10 @@ RESERVED = ("alpha", "seed", "results_dir", "save", "resume", "lcr_variant", "ev
 # Flags that do not change what a run trains (the training script's own list): a run folder that
 # differs only in these is not a conflict.
 NOT_COMPARED = set(NOT_RUN_DEFINING)
+# Flags that only shape the regulariser, which an alpha-0 run does not build: the IR-Net baseline of a
+# grid that changes one of them is still the same run.
+REGULARISER_ONLY = {"lcr_variant", "lcr_iters", "lcr_surrogate", "lcr_sigma_f", "model_fp", "fp_weights",
+                    "fp_pretrained"}
 TAG = "lcr-bnn-ablation"
 OUTPUTS = ("ablation.csv", "ablation.md", "ablation.png")
 CHECKPOINTS = {"last": "checkpoint.pth.tar", "best": "model_best.pth.tar"}
@@ -193,12 +197,14 @@ def folder_state(folder):
     return "interrupted", rows, epochs
 
 
-def differences(saved, expected):
-    """``"name old -> new"`` for every compared argument where a run's args.json and the grid differ."""
+def differences(saved, expected, baseline=False):
+    """``"name old -> new"`` for every compared argument where a run's args.json and the grid differ
+    (for the alpha-0 ``baseline``, the regulariser's own flags are not compared)."""
     def value(key):
         return ckpt.saved_value(saved, key)
+    skip = NOT_COMPARED | (REGULARISER_ONLY if baseline else set())
     return [f"--{key} {value(key)!r} -> {expected[key]!r}" for key in sorted(expected)
-            if key not in NOT_COMPARED and (key in saved or key in ckpt.LEGACY_VALUES) and value(key) != expected[key]]
+            if key not in skip and (key in saved or key in ckpt.LEGACY_VALUES) and value(key) != expected[key]]
 
 
 def classify(run):
@@ -206,7 +212,7 @@ def classify(run):
     state, rows, epochs = folder_state(run.folder)
     run.state, run.detail = state, f"{len(rows)}/{epochs} epochs done" if epochs else "new"
     if state in ("finished", "interrupted") and (run.folder / "args.json").exists():
-        diff = differences(read_json(run.folder / "args.json"), run.expected)
+        diff = differences(read_json(run.folder / "args.json"), run.expected, baseline=run.form == BASELINE)
         if diff:
             run.state = "conflict"
             run.detail = (f"{run.folder} was run with other flags ({'; '.join(diff)}); "

@@ -65,7 +65,9 @@ class Config:
         params = list(self.model.parameters())
         self.reg, self.weight = None, 0.0
         if form == "paper":
-            self.reg = LipschitzRegularizer(self.model, steps=iters or None, surrogate=surrogate)
+            # the ede surrogate works with a detached sigma_F only (modules/lcr.py)
+            sigma_f = "differentiable" if surrogate == "tanh" else "detached"
+            self.reg = LipschitzRegularizer(self.model, steps=iters or None, surrogate=surrogate, sigma_f=sigma_f)
         elif form == "official":
             fp = models.create_model(info.fp_twin, num_classes=classes).to(device).to(memory_format=fmt)
             self.reg = OfficialLCR(self.model, fp, batch)
@@ -233,7 +235,8 @@ def get_parser():
     p.add_argument("--lcr_iters", type=int, default=0,
                    help="block power steps of the paper form (default 0: modules.singular's size-dependent default)")
     p.add_argument("--surrogates", nargs="+", choices=SURROGATES, default=[SURROGATES[0]],
-                   help="the paper form's --lcr_surrogate values to time, each as its own config (default: tanh)")
+                   help="the paper form's --lcr_surrogate values to time, each as its own config; ede with "
+                        "--lcr_sigma_f detached (default: tanh)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config per round (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")

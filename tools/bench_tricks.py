@@ -26,7 +26,7 @@ import torch
 import models
 from modules import speed
 from modules.binary import two_valued_sign
-from modules.lcr import _flat_pair, pool_to, times_tanh_slope, top_singular_of_pairs
+from modules.lcr import _flat_pair, pool_to, times_tanh_slope_, top_singular_of_pairs
 from tools.lcr_power_error import record_chain
 
 
@@ -50,7 +50,7 @@ def workloads(acts):
         "pool": lambda: [pool_to(a, size) for a, size in pooled],
         "group": lambda: top_singular_of_pairs(pairs),
         "chunks": lambda: top_singular_of_pairs(pairs),
-        "slope": lambda: [times_tanh_slope(g, a) for g, a in zip(grads, acts)],
+        "slope": lambda: [times_tanh_slope_(g.clone(), a) for g, a in zip(grads, acts)],
     }
 
 

@@ -249,7 +249,7 @@ def read_model(path, model_name=None, num_classes=None):
 
 # Flags added after runs were already being recorded, with the value that describes a run recorded
 # before them: its arguments lack the key, and it computed what that value computes.
-LEGACY_VALUES = {"lcr_surrogate": "ede", "precise_bn": 0}
+LEGACY_VALUES = {"lcr_surrogate": "ede", "precise_bn": 0, "lcr_sigma_f": "detached"}
 
 
 def saved_value(saved_args, name):

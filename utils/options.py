@@ -12,7 +12,7 @@ import os
 
 import models
 from models.recipes import FLAGS as RECIPE_FLAGS
-from modules.lcr import SURROGATES
+from modules.lcr import SIGMA_F, SURROGATES
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RESULTS_DIR = os.path.join(REPO_ROOT, "results")
@@ -139,6 +139,10 @@ def get_args_parser(defaults, description):
     g.add_argument("--lcr_surrogate", default="tanh", choices=SURROGATES,
                    help="paper form: how the LCR gradient passes the sign, tanh: d tanh(x)/dx, fixed; ede: the "
                         "layer's EDE, whose slope grows with t (default: tanh; docs/METHOD.md section 3)")
+    g.add_argument("--lcr_sigma_f", default="differentiable", choices=SIGMA_F,
+                   help="paper form: differentiable: the gradient of sigma of the real retention matrix reaches "
+                        "the real activations too, which keeps them from shrinking; detached: a constant of the "
+                        "loss, as the method gives it (default: differentiable; docs/METHOD.md section 3)")
     g.add_argument("--fp_weights", default="", metavar="FILE",
                    help="official form: weights of the frozen FP network (state dict or checkpoint)")
     g.add_argument("--fp_pretrained", action="store_true",
@@ -208,6 +212,8 @@ def validate_args(parser, args):
     need(args.lip_eps > 0, f"--lip_eps must be positive, got {args.lip_eps}")
     need(args.lip_images >= 0, f"--lip_images must be >= 0, got {args.lip_images}")
     need(args.print_freq >= 0, f"--print_freq must be >= 0 (0: about 5 lines per epoch), got {args.print_freq}")
+    need(args.lcr_sigma_f == "detached" or args.lcr_surrogate == "tanh",
+         "--lcr_surrogate ede needs --lcr_sigma_f detached (a differentiable sigma_F works with tanh only)")
     need(args.precise_bn >= 0, f"--precise_bn must be >= 0 (0: off), got {args.precise_bn}")
     need(args.threads >= 0, f"--threads must be >= 0 (0: the default), got {args.threads}")
     need(args.workers >= 0, f"--workers must be >= 0, got {args.workers}")

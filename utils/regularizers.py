@@ -73,7 +73,8 @@ def build_regularizer(args, model, num_classes, device, logger):
         return None
     try:
         if args.lcr_variant == "paper":
-            return LipschitzRegularizer(model, steps=args.lcr_iters or None, surrogate=args.lcr_surrogate)
+            return LipschitzRegularizer(model, steps=args.lcr_iters or None, surrogate=args.lcr_surrogate,
+                                        sigma_f=args.lcr_sigma_f)
         return OfficialLCR(model, load_fp_network(args, num_classes, device, logger), args.batch_size)
     except ValueError as exc:
         raise RegularizerError(f"--lcr_variant {args.lcr_variant} does not fit --model {args.model}: {exc}") from None
