@@ -170,7 +170,8 @@ def write_run(runs_dir, save, alpha, seed, variant, top1, shares, epochs=3):
     folder = runs_dir / f"{MODEL}{save}"
     folder.mkdir(parents=True)
     args = {"alpha": alpha, "seed": seed, "epochs": epochs, "dataset": "fake", "model": MODEL,
-            "lcr_variant": variant, "batch_size": 32, "lcr_surrogate": "tanh", "precise_bn": 0}
+            "lcr_variant": variant, "batch_size": 32, "lcr_surrogate": "tanh", "precise_bn": 0,
+            "lcr_sigma_f": "differentiable"}
     (folder / "args.json").write_text(json.dumps(args))
     with open(folder / "summary.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

@@ -21,9 +21,10 @@ def test_bench_reports_every_form_and_its_plain_twin_without_profiler_noise(capf
 def test_bench_times_each_surrogate_of_the_paper_form(capsys):
     rows = bench.main(["--models", "resnet20_1w1a", "--batch_sizes", "2", "--device", "cpu", "--warmup", "0",
                        "--steps", "1", "--rounds", "1", "--threads", "1", "--forms", "paper", "--surrogates", "tanh",
-                       "ede", "--plain", "slope"])
-    assert [r["config"] for r in rows] == ["alpha 0", "alpha 0 plain slope", "alpha 8 paper", "alpha 8 paper ede",
-                                           "alpha 8 paper plain slope", "alpha 8 paper ede plain slope"]
+                       "ede", "--sigma_f", "differentiable", "detached", "--plain", "slope"])
+    assert [r["config"] for r in rows] == [
+        "alpha 0", "alpha 0 plain slope", "alpha 8 paper", "alpha 8 paper sigma_F detached", "alpha 8 paper ede",
+        "alpha 8 paper plain slope", "alpha 8 paper sigma_F detached plain slope", "alpha 8 paper ede plain slope"]
 
 
 def test_bench_on_cuda_without_a_gpu_is_one_error_line(capsys):

@@ -72,8 +72,8 @@ def test_readme_commands_run_in_sequence_as_typed(tmp_path):
 
 
 def _parsers():
-    from tools import (ablate_alpha, bench, bench_loader, bench_tricks, epoch_curves, eval_corruptions, export,
-                       lcr_power_error)
+    from tools import (ablate_alpha, bench, bench_loader, bench_tricks, chain_stats, epoch_curves, eval_corruptions,
+                       export, lcr_power_error)
     from utils import options
 
     def training(defaults):
@@ -94,6 +94,7 @@ def _parsers():
         "tools.draw_pipeline": None, "tools.eval_corruptions": tool_parser(eval_corruptions.get_args_parser),
         "tools.epoch_curves": tool_parser(epoch_curves.get_args_parser),
         "tools.bench_tricks": tool_parser(bench_tricks.get_args_parser),
+        "tools.chain_stats": tool_parser(chain_stats.get_args_parser),
         "tools.export": tool_parser(export.get_args_parser), "tools.lcr_power_error":
             tool_parser(lcr_power_error.get_args_parser), "tools.summary": None, "tools.paper_table": None,
     }

@@ -33,7 +33,7 @@ import torch
 
 import models
 from modules import set_ede_schedule, speed
-from modules.lcr import SURROGATES, LipschitzRegularizer
+from modules.lcr import SIGMA_F, SURROGATES, LipschitzRegularizer
 from modules.lcr_official import OfficialLCR
 from utils.engine import train_step
 
@@ -49,8 +49,11 @@ def hardware(device):
 class Config:
     """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
 
-    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None, surrogate="tanh"):
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None, surrogate="tanh",
+                 sigma_f="differentiable"):
         suffix = "" if plain is None else " plain" + ("" if set(plain) == set(speed.TRICKS) else " " + ",".join(plain))
+        if form == "paper" and surrogate == "tanh" and sigma_f != "differentiable":
+            suffix = f" sigma_F {sigma_f}" + suffix
         if form == "paper" and surrogate != SURROGATES[0]:
             suffix = f" {surrogate}" + suffix
         self.label = ("alpha 0" if form == "none" else f"alpha {alpha:g} {form}") + suffix
@@ -65,8 +68,6 @@ class Config:
         params = list(self.model.parameters())
         self.reg, self.weight = None, 0.0
         if form == "paper":
-            # the ede surrogate works with a detached sigma_F only (modules/lcr.py)
-            sigma_f = "differentiable" if surrogate == "tanh" else "detached"
             self.reg = LipschitzRegularizer(self.model, steps=iters or None, surrogate=surrogate, sigma_f=sigma_f)
         elif form == "official":
             fp = models.create_model(info.fp_twin, num_classes=classes).to(device).to(memory_format=fmt)
@@ -172,6 +173,12 @@ def run(args):
         torch.set_num_threads(threads)
 
 
+def _paper_variants(args):
+    """``(surrogate, sigma_f)`` of every paper-form config: tanh with each --sigma_f value, ede with a
+    detached sigma_F (the only one the regulariser offers with it)."""
+    return [(s, f) for s in args.surrogates for f in (args.sigma_f if s == "tanh" else ["detached"])]
+
+
 def _run(args):
     device = torch.device(args.device)
     rows = []
@@ -185,10 +192,10 @@ def _run(args):
             cfgs = []
             for form in ["none"] + args.forms:
                 for plain in [None, args.plain or list(speed.TRICKS)] if args.plain is not None else [None]:
-                    for surrogate in args.surrogates if form == "paper" else [SURROGATES[0]]:
+                    for surrogate, sigma_f in _paper_variants(args) if form == "paper" else [(SURROGATES[0], None)]:
                         try:
                             cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
-                                               args.lcr_iters, plain, surrogate))
+                                               args.lcr_iters, plain, surrogate, sigma_f))
                         except ValueError as exc:  # e.g. the official form on a network without stages
                             print(f"# {name}: no {form} form ({exc})")
             for cfg in cfgs:
@@ -237,6 +244,9 @@ def get_parser():
     p.add_argument("--surrogates", nargs="+", choices=SURROGATES, default=[SURROGATES[0]],
                    help="the paper form's --lcr_surrogate values to time, each as its own config; ede with "
                         "--lcr_sigma_f detached (default: tanh)")
+    p.add_argument("--sigma_f", nargs="+", choices=SIGMA_F, default=["differentiable"],
+                   help="the paper form's --lcr_sigma_f values to time with the tanh surrogate, each as its own "
+                        "config (default: differentiable)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per config (default 3)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per config per round (default 3)")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
