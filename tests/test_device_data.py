@@ -2,6 +2,7 @@
 import collections
 
 import numpy as np
+import pytest
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -85,6 +86,8 @@ def test_sharding_covers_the_set_once():
     assert sorted(seen) == labels
 
 
+@pytest.mark.slow(reason="two training runs of the CIFAR script: about 12 s; the --gpu_data loader itself is "
+                        "checked in the default set (every image once per epoch, random crops)")
 def test_cifar_script_with_gpu_data(tmp_path):
     write_cifar10(tmp_path / "data", n_per_batch=20, n_test=30)
     result = run_main("cifar/main.py", "--dataset", "cifar10", "--data_path", tmp_path / "data", "--gpu_data",

@@ -211,6 +211,9 @@ def digits_checkpoint(tmp_path_factory):
     return root / "model_best.pth.tar"
 
 
+@pytest.mark.slow(reason="evaluates one digits-C family (2,250 images) twice in subprocesses and once here: "
+                        "about 13 s; the corruptions' determinism and severity order are checked in the "
+                        "default set (test_corruptions.py)")
 def test_digits_c_needs_no_data_and_writes_the_same_records(digits_checkpoint):
     from utils.corruptions import FAMILIES, digits_c
     results = _run("--checkpoint", digits_checkpoint, "--corruptions", "contrast")

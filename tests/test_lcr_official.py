@@ -245,6 +245,8 @@ def _run(args, cwd=ROOT):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow(reason="three runs of the CIFAR script: about 9 s; loading FP weights and the official "
+                        "form's computation are checked in-process in the default set")
 def test_cli_official_warns_on_random_fp_and_loads_fp_weights(tmp_path):
     res = _run(["--results_dir", str(tmp_path), "-a", "resnet20_1w1a", "--model_fp", "resnet20_fp",
                 "--save", "_rand"])

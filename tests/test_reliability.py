@@ -206,6 +206,8 @@ def runs(request, tmp_path_factory):
 # --- results lost or silently wrong ----------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason="a 2-epoch run, then its resume: about 20 s; the other resume rules stay in the "
+                        "default set")
 @pytest.mark.uses("summary lost")
 def test_resume_of_a_finished_run_completes_its_records(runs, source):
     folder, result = runs["summary lost"]

@@ -249,6 +249,7 @@ def test_alpha0_trains_plain_irnet(runs, runs_dir, fake_cifar_run):
     assert with_lcr["train_ce"] != rows[0]["train_ce"]
 
 
+@pytest.mark.slow(reason="a second 1-epoch run, with two DataLoader worker processes: about 10 s of CPU")
 @pytest.mark.uses("alpha0 j0", "alpha0 j2")
 def test_worker_processes_give_the_same_run(runs, runs_dir):
     j0, j2 = runs["alpha0 j0"], runs["alpha0 j2"]
@@ -445,6 +446,9 @@ def test_evaluate_checkpoint_bare_and_dataparallel_state_dicts(runs, runs_dir, f
 # --- DDP ------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow(reason="three processes (torchrun and its two ranks) plus an evaluation: about 20 s of CPU; "
+                        "the gradient averaging over ranks and the sharding of the validation set are "
+                        "checked in the default set (test_distributed_sync.py, test_device_data.py)")
 @pytest.mark.uses("torchrun")
 def test_torchrun_two_processes_cover_the_validation_set_once(runs, runs_dir):
     distributed, single = runs["torchrun"]
