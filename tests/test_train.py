@@ -350,6 +350,8 @@ def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
         assert not differ, f"{results_dir}: {len(differ)} tensors differ from the uninterrupted run, e.g. {differ[:3]}"
 
 
+@pytest.mark.slow(reason="a resumed 3-epoch run: about 15 s of waiting; the rule that a resume refuses changed "
+                        "run flags by name is checked in the default set (test_reliability.py)")
 @pytest.mark.uses("other schedule")
 def test_resume_refuses_another_schedule(runs, runs_dir, fake_cifar_run):
     # The checkpoint's scheduler state holds the lr factor of its own --epochs, so a resume with
