@@ -362,19 +362,20 @@ class LipschitzRegularizer:
             ratio = sigma_b / sigma_f
             d_sigma_b = 2 * (ratio - 1) / (sigma_f * k_pairs * total)
             size = signs[k + 1].shape[-2:]
-            _add_pair_terms("terms", chain[k][2], chain[k + 1][2], d_sigma_b, u, v, xf, yf, n, size)
+            slot_x, slot_y = chain[k][2], chain[k + 1][2]
+            _add_pair_terms(slot_x.terms, slot_y.terms, d_sigma_b, u, v, xf, yf, n, size)
             if self.sigma_f == "differentiable":     # d L / d sigma_F = -d L / d sigma_B * ratio
                 xf_f, yf_f, _ = pairs_f[k]
-                _add_pair_terms("real_terms", chain[k][2], chain[k + 1][2], -d_sigma_b * ratio, u_f, v_f,
-                                xf_f, yf_f, n, size)
+                _add_pair_terms(slot_x.real_terms, slot_y.real_terms, -d_sigma_b * ratio, u_f, v_f, xf_f, yf_f, n,
+                                size)
             ratios.append(ratio)
         return torch.stack(ratios)
 
 
-def _add_pair_terms(kind, slot_x, slot_y, d_sigma, u, v, xf, yf, n, size):
-    """Give the slots of X and Y the gradient ``d_sigma * d sigma / d X`` and ``... / d Y`` of one pair as
-    outer products: ``u (Y^T v)^T / N`` and ``v (X^T u)^T / N`` (module docstring)."""
+def _add_pair_terms(terms_x, terms_y, d_sigma, u, v, xf, yf, n, size):
+    """Append to the term lists of X and Y the gradient ``d_sigma * d sigma / d X`` and ``... / d Y`` of
+    one pair as outer products: ``u (Y^T v)^T / N`` and ``v (X^T u)^T / N`` (module docstring)."""
     y_v = torch.bmm(v.unsqueeze(1), yf).squeeze(1) / n       # Y^T v / N, B x N
     x_u = torch.bmm(u.unsqueeze(1), xf).squeeze(1) / n       # X^T u / N, B x N
-    getattr(slot_x, kind).append((d_sigma[:, None] * u, y_v, size))
-    getattr(slot_y, kind).append((d_sigma[:, None] * v, x_u, size))
+    terms_x.append((d_sigma[:, None] * u, y_v, size))
+    terms_y.append((d_sigma[:, None] * v, x_u, size))
