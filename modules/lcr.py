@@ -125,17 +125,19 @@ def retention_matrix(x, y):
     return torch.bmm(xf, yf.transpose(1, 2)) / n
 
 
-def top_singular_of_pairs(pairs, steps=None):
-    """``(sigma, u, v)`` of the retention matrix of every ``(X_flat, Y_flat, N)`` in ``pairs`` (a list).
+def top_singular_of_pairs(pairs, steps=None, block=None):
+    """``(sigma, u, v)`` of the retention matrix of every ``(X_flat, Y_flat, N)`` in ``pairs`` (a list);
+    ``steps`` and ``block`` as :func:`modules.singular.top_singular` (None: its defaults by size).
 
     The plain path forms each ``RM = X Y^T / N`` and calls :func:`modules.singular.top_singular` on
     it. Speed trick: matrices of the same shape are formed straight into one buffer and solved in
-    one call, which replaces dozens of small kernels by a few larger ones without a copy
-    (``python -m tools.bench_tricks``, ResNet-20 at batch 128, one thread: 251 against 311 ms per
-    step).
+    one call, which replaces dozens of small kernels by a few larger ones without a copy; the buffer
+    holds ``X Y^T`` and each sigma is divided by its N afterwards (singular vectors do not depend on
+    the scale), which saves a pass over the buffer (``python -m tools.bench_tricks``, ResNet-20 at
+    batch 128, one thread: see ``group`` in docs/RESULTS.md section 5).
     """
     if not speed.enabled("group"):
-        return [top_singular(torch.bmm(x, y.transpose(1, 2)) / n, steps) for x, y, n in pairs]
+        return [top_singular(torch.bmm(x, y.transpose(1, 2)) / n, steps, block) for x, y, n in pairs]
     groups = {}
     for i, (x, y, _) in enumerate(pairs):
         groups.setdefault((x.shape[1], y.shape[1]), []).append(i)
@@ -144,10 +146,11 @@ def top_singular_of_pairs(pairs, steps=None):
         sizes = [pairs[i][0].shape[0] for i in members]
         buffer = pairs[members[0]][0].new_empty(sum(sizes), c1, c2)
         for i, part in zip(members, buffer.split(sizes)):
-            x, y, n = pairs[i]
-            torch.bmm(x, y.transpose(1, 2), out=part).mul_(1.0 / n)
-        for i, triplet in zip(members, zip(*(t.split(sizes) for t in top_singular(buffer, steps)))):
-            out[i] = triplet
+            x, y, _ = pairs[i]
+            torch.bmm(x, y.transpose(1, 2), out=part)      # X Y^T: the 1 / N goes to sigma below
+        sigma, u, v = top_singular(buffer, steps, block)
+        for i, part_sigma, part_u, part_v in zip(members, sigma.split(sizes), u.split(sizes), v.split(sizes)):
+            out[i] = (part_sigma / pairs[i][2], part_u, part_v)
     return out
 
 
@@ -175,24 +178,30 @@ class _RankOneGrad:
     def __call__(self, grad):
         if self.scale is None or not self.terms:
             return None          # a backward pass that does not come from the LCR loss
-        lcr = _add_outer_products(None, self.terms, self.scale, grad.shape)
-        if self.real is not None:  # surrogate "tanh"
-            lcr = times_tanh_slope_(lcr, self.real.float())
-        lcr = _add_outer_products(lcr, self.real_terms, self.scale, grad.shape)
-        return lcr.add_(grad).to(grad.dtype)
+        if self.real is None:      # surrogate "ede": the layer's EDE carries the sum on from the sign
+            return _add_outer_products(grad.float(), self.terms, self.scale, grad.shape, fresh=True).to(grad.dtype)
+        lcr = times_tanh_slope_(_add_outer_products(None, self.terms, self.scale, grad.shape), self.real.float())
+        return _add_outer_products(lcr.add_(grad), self.real_terms, self.scale, grad.shape).to(grad.dtype)
 
 
-def _add_outer_products(out, terms, scale, shape):
-    """``out + scale * sum_terms left_b right_b^T`` (B x C x N, viewed as ``shape``), written into ``out``
-    (None: a fresh tensor); a term whose right side has a smaller spatial size came from a pooled X and
-    is spread evenly over each pooling window."""
+def _add_outer_products(out, terms, scale, shape, fresh=False):
+    """``out + scale * sum_terms left_b right_b^T`` (B x C x N, viewed as ``shape``): written into ``out``,
+    which the caller owns, or, with ``fresh`` (or ``out`` None), into a new tensor that leaves ``out``
+    untouched. A term whose right side has a smaller spatial size came from a pooled X and is spread
+    evenly over each pooling window."""
     b, size = shape[0], tuple(shape[-2:])
     out = None if out is None else out.view(b, shape[1], -1)
     for left, right, term_size in terms:
         if tuple(term_size) != size:
             right = _unpool(right.view(b, 1, *term_size), size).view(b, -1)
         left, right = (left * scale).unsqueeze(2), right.unsqueeze(1)
-        out = left * right if out is None else out.addcmul_(left, right)
+        if out is None:
+            out = left * right
+        elif fresh:
+            out = torch.addcmul(out, left, right)
+        else:
+            out.addcmul_(left, right)
+        fresh = False
     return out if out is None else out.view(shape)
 
 
@@ -264,9 +273,11 @@ class LipschitzRegularizer:
 
     weight_scale = LCR_SCALE
 
-    def __init__(self, model, steps=None, surrogate="tanh", sigma_f="differentiable"):
+    def __init__(self, model, steps=None, surrogate="tanh", sigma_f="differentiable", block=None):
         if steps is not None and steps < 1:
             raise ValueError(f"block power steps must be >= 1, got {steps}")
+        if block is not None and block < 1:
+            raise ValueError(f"the power iteration needs a block of at least 1 vector, got {block}")
         if surrogate not in SURROGATES:
             raise ValueError(f"surrogate must be one of {SURROGATES}, got {surrogate!r}")
         if sigma_f not in SIGMA_F:
@@ -277,6 +288,7 @@ class LipschitzRegularizer:
         self.sigma_f = sigma_f
         self.surrogate = surrogate   # how the LCR gradient passes the sign: see _RankOneGrad
         self.steps = steps           # None: the size-dependent default of modules.singular
+        self.block = block           # vectors per block; None: the same default
         convs = [m for m in model.modules() if isinstance(m, BinarizeConv2d)]
         taps = [m for m in model.modules() if isinstance(m, LCRTap)]
         if not convs or len(taps) != 1:
@@ -354,7 +366,7 @@ class LipschitzRegularizer:
         k_pairs = len(chain) - 1
         pairs_b = [_flat_pair(signs[k], signs[k + 1]) for k in range(k_pairs)]
         pairs_f = [_flat_pair(reals[k], reals[k + 1]) for k in range(k_pairs)]
-        solved = top_singular_of_pairs(pairs_b + pairs_f, self.steps)
+        solved = top_singular_of_pairs(pairs_b + pairs_f, self.steps, self.block)
         ratios = []
         for k, ((xf, yf, n), (sigma_b, u, v), (sigma_f, u_f, v_f)) in enumerate(
                 zip(pairs_b, solved[:k_pairs], solved[k_pairs:])):

@@ -27,6 +27,20 @@ def test_bench_times_each_surrogate_of_the_paper_form(capsys):
         "alpha 8 paper plain slope", "alpha 8 paper sigma_F detached plain slope", "alpha 8 paper ede plain slope"]
 
 
+def test_bench_times_each_solver_of_the_paper_form(capsys):
+    rows = bench.main(["--models", "resnet20_1w1a", "--batch_sizes", "2", "--device", "cpu", "--warmup", "0",
+                       "--steps", "1", "--rounds", "1", "--threads", "1", "--forms", "paper", "--surrogates", "ede",
+                       "--lcr_solvers", "default", "1x5"])
+    assert [r["config"] for r in rows] == ["alpha 0", "alpha 8 paper ede", "alpha 8 paper ede solver 1x5"]
+    cfg = bench.Config("resnet20_1w1a", 2, "paper", 8.0, bench.torch.device("cpu"), False, False, "3x7")
+    assert (cfg.reg.block, cfg.reg.steps) == (3, 7)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--device", "cpu", "--lcr_solvers", "1y5"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --lcr_solvers: a solver is 'default' or PxK (block x steps, e.g. 1x5), got '1y5'"]
+
+
 def test_bench_on_cuda_without_a_gpu_is_one_error_line(capsys):
     if bench.torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
@@ -38,7 +52,7 @@ def test_bench_on_cuda_without_a_gpu_is_one_error_line(capsys):
 
 
 def test_alpha0_step_hooks_nothing():
-    cfg = bench.Config("resnet20_1w1a", 2, "none", 8.0, bench.torch.device("cpu"), False, False, 0)
+    cfg = bench.Config("resnet20_1w1a", 2, "none", 8.0, bench.torch.device("cpu"), False, False)
     assert cfg.reg is None and cfg.weight == 0.0
     cfg.step()
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in cfg.model.modules())

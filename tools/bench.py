@@ -38,6 +38,21 @@ from modules.lcr_official import OfficialLCR
 from utils.engine import train_step
 
 MIN_ROUNDS, MIN_STEPS = 5, 2  # fewer give paired ratios that a single burst of load can move far
+DEFAULT_SOLVER = "default"
+
+
+def parse_solver(text):
+    """``(block, steps)`` of a ``--lcr_solvers`` value: "default" (None, None: modules.singular's defaults
+    by size) or "PxK", a block of P vectors for K steps ("1x5": one vector, 5 power steps)."""
+    if text == DEFAULT_SOLVER:
+        return None, None
+    try:
+        block, steps = (int(part) for part in text.split("x"))
+    except ValueError:
+        raise ValueError(f"a solver is 'default' or PxK (block x steps, e.g. 1x5), got {text!r}") from None
+    if block < 1 or steps < 1:
+        raise ValueError(f"a solver needs a block and steps of at least 1, got {text!r}")
+    return block, steps
 
 
 def hardware(device):
@@ -49,9 +64,11 @@ def hardware(device):
 class Config:
     """One (model, batch, form) set-up: its own model, optimizer, regulariser and batch."""
 
-    def __init__(self, name, batch, form, alpha, device, channels_last, amp, iters, plain=None, surrogate="tanh",
-                 sigma_f="differentiable"):
+    def __init__(self, name, batch, form, alpha, device, channels_last, amp, solver=DEFAULT_SOLVER, plain=None,
+                 surrogate="tanh", sigma_f="differentiable"):
         suffix = "" if plain is None else " plain" + ("" if set(plain) == set(speed.TRICKS) else " " + ",".join(plain))
+        if form == "paper" and solver != DEFAULT_SOLVER:
+            suffix = f" solver {solver}" + suffix
         if form == "paper" and surrogate == "tanh" and sigma_f != "differentiable":
             suffix = f" sigma_F {sigma_f}" + suffix
         if form == "paper" and surrogate != SURROGATES[0]:
@@ -68,7 +85,8 @@ class Config:
         params = list(self.model.parameters())
         self.reg, self.weight = None, 0.0
         if form == "paper":
-            self.reg = LipschitzRegularizer(self.model, steps=iters or None, surrogate=surrogate, sigma_f=sigma_f)
+            block, steps = parse_solver(solver)
+            self.reg = LipschitzRegularizer(self.model, steps=steps, surrogate=surrogate, sigma_f=sigma_f, block=block)
         elif form == "official":
             fp = models.create_model(info.fp_twin, num_classes=classes).to(device).to(memory_format=fmt)
             self.reg = OfficialLCR(self.model, fp, batch)
@@ -174,9 +192,10 @@ def run(args):
 
 
 def _paper_variants(args):
-    """``(surrogate, sigma_f)`` of every paper-form config: tanh with each --sigma_f value, ede with a
-    detached sigma_F (the only one the regulariser offers with it)."""
-    return [(s, f) for s in args.surrogates for f in (args.sigma_f if s == "tanh" else ["detached"])]
+    """``(solver, surrogate, sigma_f)`` of every paper-form config: each solver with tanh and each --sigma_f
+    value, and with ede and a detached sigma_F (the only one the regulariser offers with it)."""
+    return [(solver, s, f) for solver in args.lcr_solvers for s in args.surrogates
+            for f in (args.sigma_f if s == "tanh" else ["detached"])]
 
 
 def _run(args):
@@ -192,10 +211,11 @@ def _run(args):
             cfgs = []
             for form in ["none"] + args.forms:
                 for plain in [None, args.plain or list(speed.TRICKS)] if args.plain is not None else [None]:
-                    for surrogate, sigma_f in _paper_variants(args) if form == "paper" else [(SURROGATES[0], None)]:
+                    variants = _paper_variants(args) if form == "paper" else [(DEFAULT_SOLVER, SURROGATES[0], None)]
+                    for solver, surrogate, sigma_f in variants:
                         try:
                             cfgs.append(Config(name, batch, form, args.alpha, device, args.channels_last, args.amp,
-                                               args.lcr_iters, plain, surrogate, sigma_f))
+                                               solver, plain, surrogate, sigma_f))
                         except ValueError as exc:  # e.g. the official form on a network without stages
                             print(f"# {name}: no {form} form ({exc})")
             for cfg in cfgs:
@@ -239,8 +259,10 @@ def get_parser():
     p.add_argument("--forms", nargs="+", default=["paper", "official"], choices=["paper", "official"],
                    help="LCR forms to compare with alpha 0 (default both; official needs a ResNet with stages)")
     p.add_argument("--alpha", type=float, default=8.0, help="alpha of the LCR runs (default 8)")
-    p.add_argument("--lcr_iters", type=int, default=0,
-                   help="block power steps of the paper form (default 0: modules.singular's size-dependent default)")
+    p.add_argument("--lcr_solvers", nargs="+", default=[DEFAULT_SOLVER], metavar="SOLVER",
+                   help="the paper form's spectral-norm solvers to time, each as its own config: 'default' "
+                        "(modules.singular's block and steps by size) or PxK, a block of P vectors for K steps "
+                        "(1x5: one vector, 5 power steps, the previous round's estimate); default: default")
     p.add_argument("--surrogates", nargs="+", choices=SURROGATES, default=[SURROGATES[0]],
                    help="the paper form's --lcr_surrogate values to time, each as its own config; ede with "
                         "--lcr_sigma_f detached (default: tanh)")
@@ -269,6 +291,11 @@ def main(argv=None):
         parser.exit(1, "error: --device cuda but this machine has no GPU; pass --device cpu\n")
     if min(args.batch_sizes) < 2 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.exit(1, "error: --batch_sizes need at least 2 images, --steps and --rounds at least 1\n")
+    for solver in args.lcr_solvers:
+        try:
+            parse_solver(solver)
+        except ValueError as exc:
+            parser.exit(1, f"error: --lcr_solvers: {exc}\n")
     return run(args)
 
 
