@@ -87,8 +87,8 @@ def block_power_iteration(a, start, steps):
     of ``U_{i-1} A``, ``U_i = V_i A^T`` (module docstring).
 
     Speed trick: on the CPU the matrices are taken in cache-sized chunks (``python -m
-    tools.bench_tricks``, ResNet-20 at batch 128, one thread: 252 against 313 ms per step for the
-    whole solve).
+    tools.bench_tricks``, ResNet-20 at batch 128, one thread: 101 against 125 ms for forming and solving
+    one step's retention matrices; docs/RESULTS.md section 5).
     """
     b, c1, c2 = a.shape
     per = b
