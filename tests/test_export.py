@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import tools.export as export_module
 from models import create_model, list_models
 from modules.binary import BinarizeConv2d
 from modules.xnor import (PackedBinaryConv2d, pack_signs, popcount_uint8, set_xnor_reference,
@@ -265,6 +266,37 @@ def test_cli_bare_state_dict_and_fake_check(tmp_path, capsys):
     assert export_main([sd, out, "--model", "resnet20_1w1a", "--num_classes", "10", "--check", "fake"]) == 0
     text = capsys.readouterr().out
     assert "0 predictions differ" in text and "64 images" in text
+
+
+@pytest.mark.parametrize("folded_differ,kept_differ,no_fold,code", [
+    (1, 0, False, 0),     # folding's rounding flipped a sign; the packed weights are exact
+    (1, 2, False, 1),     # the packed weights themselves disagree
+    (1, None, True, 1),   # --no_fold: no second network to blame, the check fails
+])
+def test_check_tells_folding_rounding_from_wrong_packed_weights(tmp_path, capsys, monkeypatch, folded_differ,
+                                                                  kept_differ, no_fold, code):
+    real_compare, calls = export_module.compare_on, []
+
+    def bn_count(net):
+        return sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+
+    def compare(original, packed, loader):
+        r = real_compare(original, packed, loader)
+        folded = bn_count(packed) < bn_count(original)
+        calls.append(folded)
+        return dict(r, predictions_differ=folded_differ if folded or no_fold else kept_differ)
+
+    monkeypatch.setattr(export_module, "compare_on", compare)
+    torch.manual_seed(0)
+    sd = os.path.join(tmp_path, "sd.pth")
+    torch.save(randomise_batch_norms(create_model("resnet20_1w1a"), seed=6).state_dict(), sd)
+    args = [sd, os.path.join(tmp_path, "out.packed"), "--model", "resnet20_1w1a", "--num_classes", "10",
+            "--check", "fake"] + (["--no_fold"] if no_fold else [])
+    assert export_main(args) == code
+    out = capsys.readouterr().out
+    assert calls == ([False] if no_fold else [True, False])
+    assert ("with every batch norm kept (--no_fold)" in out) == (not no_fold)
+    assert ("folding's rounding" in out) == (code == 0)
 
 
 def test_loader_rejects_other_files(tmp_path):
