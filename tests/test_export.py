@@ -270,6 +270,7 @@ def test_cli_bare_state_dict_and_fake_check(tmp_path, capsys):
 
 @pytest.mark.parametrize("folded_differ,kept_differ,no_fold,code", [
     (1, 0, False, 0),     # folding's rounding flipped a sign; the packed weights are exact
+    (20, 0, False, 1),    # a third of the 64 images: more than rounding, the fold is wrong
     (1, 2, False, 1),     # the packed weights themselves disagree
     (1, None, True, 1),   # --no_fold: no second network to blame, the check fails
 ])
@@ -297,6 +298,7 @@ def test_check_tells_folding_rounding_from_wrong_packed_weights(tmp_path, capsys
     assert calls == ([False] if no_fold else [True, False])
     assert ("with every batch norm kept (--no_fold)" in out) == (not no_fold)
     assert ("folding's rounding" in out) == (code == 0)
+    assert ("the fold is wrong" in out) == (folded_differ == 20)
 
 
 def test_loader_rejects_other_files(tmp_path):

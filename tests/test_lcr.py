@@ -222,6 +222,22 @@ def test_top_singular_of_pairs_grouped_equals_one_matrix_at_a_time():
         torch.testing.assert_close(g[0].double(), exact, rtol=1e-4, atol=0)
 
 
+def test_top_singular_of_pairs_with_large_activations_matches_the_exact_norm():
+    # the grouped path solves X Y^T before dividing by N (3136 at ImageNet's first stage): with
+    # activations of mean 4 its sigma is about 3e6, which overflowed float32 inside the Ritz step
+    torch.manual_seed(4)
+    x, y = torch.randn(2, 64, 3136) + 4, torch.randn(2, 64, 3136) + 4
+    exact = torch.linalg.matrix_norm(torch.bmm(x.double(), y.double().transpose(1, 2)) / 3136, ord=2)
+    grouped = top_singular_of_pairs([(x, y, 3136)])[0]
+    with speed.plain_formulas("group"):
+        plain = top_singular_of_pairs([(x, y, 3136)])[0]
+    for sigma, u, v in (grouped, plain):
+        torch.testing.assert_close(sigma.double(), exact, rtol=1e-4, atol=0)
+        assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    sigma = top_singular(gapped_matrices(3, 16, 16, seed=1).float() * 1e8)[0]
+    torch.testing.assert_close(sigma.double(), torch.full((3,), 1e9, dtype=torch.float64), rtol=1e-4, atol=0)
+
+
 def test_top_singular_of_zero_matrix_is_finite():
     sigma, u, v = top_singular(torch.zeros(2, 4, 3))
     assert torch.isfinite(sigma).all() and torch.isfinite(u).all() and torch.isfinite(v).all()

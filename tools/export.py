@@ -9,7 +9,7 @@ CHECKPOINT is one of this project's checkpoints (``utils/checkpoint.py``) or a b
 original and the reloaded network on a whole validation set and fails unless every prediction agrees.
 A folded network may disagree where folding's rounding flips a sign (below); the check then also
 runs the same packed weights with the batch norms kept, says so, and passes only if that network
-reproduces the original exactly.
+reproduces the original exactly and the folded one differs on at most 1 % of the images.
 
 File format (a plain dict, ``torch.save``'d, readable with ``weights_only=True``)::
 
@@ -281,6 +281,12 @@ def fp32_size_bytes(model):
     return serialized_size(model.state_dict())
 
 
+# The share of --check images whose folded prediction may differ from the original while the same
+# packed weights with the batch norms kept agree exactly: a rounding flip is rare (one of 450 digits
+# images in the README's test network), a wrong fold moves many.
+FOLD_FLIPS_TOLERATED = 0.01
+
+
 @torch.no_grad()
 def compare_on(original, packed, loader):
     """Run both networks over ``loader``: top-1 of each (%), differing predictions, max |logit diff|."""
@@ -361,11 +367,16 @@ def main(argv=None):
         if r["predictions_differ"] and not args.no_fold:
             kept_bn = build_packed_model(export_packed(model, name, classes, fold=False), reference=args.reference)
             u = compare_on(model, kept_bn, _check_loader(args.check, name, classes, args.batch_size))
+            rare = r["predictions_differ"] <= max(1, FOLD_FLIPS_TOLERATED * r["images"])
+            verdict = ""
+            if u["predictions_differ"] == 0:
+                verdict = ("; the few folded differences come from folding's rounding flipping signs that sit within "
+                           "a rounding error of 0" if rare else
+                           "; the folded differences are too many for rounding: the fold is wrong")
             print(f"the same packed weights with every batch norm kept (--no_fold): {u['predictions_differ']} "
-                  f"predictions differ, max |logit diff| {u['max_logit_diff']:.3g}"
-                  + ("; so the folded differences come from folding's rounding flipping signs that sit within a "
-                     "rounding error of 0" if u["predictions_differ"] == 0 else ""))
-            r = u
+                  f"predictions differ, max |logit diff| {u['max_logit_diff']:.3g}{verdict}")
+            if u["predictions_differ"] == 0 and rare:
+                return 0
         if r["predictions_differ"]:
             return 1
     return 0
