@@ -187,8 +187,8 @@ class _RankOneGrad:
 def _add_outer_products(out, terms, scale, shape, fresh=False):
     """``out + scale * sum_terms left_b right_b^T`` (B x C x N, viewed as ``shape``): written into ``out``,
     which the caller owns, or, with ``fresh`` (or ``out`` None), into a new tensor that leaves ``out``
-    untouched. A term whose right side has a smaller spatial size came from a pooled X and is spread
-    evenly over each pooling window."""
+    untouched (with no terms at all: ``out`` itself). A term whose right side has a smaller spatial size
+    came from a pooled X and is spread evenly over each pooling window."""
     b, size = shape[0], tuple(shape[-2:])
     out = None if out is None else out.view(b, shape[1], -1)
     for left, right, term_size in terms:
@@ -197,11 +197,10 @@ def _add_outer_products(out, terms, scale, shape, fresh=False):
         left, right = (left * scale).unsqueeze(2), right.unsqueeze(1)
         if out is None:
             out = left * right
-        elif fresh:
-            out = torch.addcmul(out, left, right)
+        elif fresh:                  # the first term leaves the caller's ``out`` untouched
+            out, fresh = torch.addcmul(out, left, right), False
         else:
             out.addcmul_(left, right)
-        fresh = False
     return out if out is None else out.view(shape)
 
 

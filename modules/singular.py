@@ -126,4 +126,4 @@ def _top_ritz_coefficients(t, m, squarings=10):
     column = power.norm(dim=1).argmax(dim=1)
     y = torch.gather(power, 2, column.view(-1, 1, 1).expand(-1, p, 1))
     # unit length: K scales like sigma^2, and A V^T y must stay far from float32's range for large sigma
-    return torch.nn.functional.normalize(torch.bmm(k, y).squeeze(2), dim=1, eps=1e-30)
+    return _normalise_rows(torch.bmm(k, y).squeeze(2))

@@ -360,13 +360,14 @@ def main(argv=None):
     print(f"fp32 state dict {fp32:,} bytes, packed {size:,} bytes, compression {fp32 / size:.1f}x; "
           f"wrote {args.out}")
     if args.check:
-        r = compare_on(model, reloaded, _check_loader(args.check, name, classes, args.batch_size))
+        loader = _check_loader(args.check, name, classes, args.batch_size)
+        r = compare_on(model, reloaded, loader)
         print(f"check on {args.check} ({r['images']} images): top-1 original {r['top1_original']:.2f} %, "
               f"packed {r['top1_packed']:.2f} %, {r['predictions_differ']} predictions differ, "
               f"max |logit diff| {r['max_logit_diff']:.3g}")
         if r["predictions_differ"] and not args.no_fold:
             kept_bn = build_packed_model(export_packed(model, name, classes, fold=False), reference=args.reference)
-            u = compare_on(model, kept_bn, _check_loader(args.check, name, classes, args.batch_size))
+            u = compare_on(model, kept_bn, loader)
             rare = r["predictions_differ"] <= max(1, FOLD_FLIPS_TOLERATED * r["images"])
             verdict = ""
             if u["predictions_differ"] == 0:
